@@ -1,0 +1,175 @@
+"""YAML configs in MindFormers' format, read safely and checked field by field.
+
+`load_config` reads a YAML file into a `MindFormerConfig` and remembers the line of every
+key, so that `ModelConfig.from_dict` can say "file:line: field must be int, got 'x'"
+instead of failing later inside MindSpore. Model configs are dataclasses that subclass
+`ModelConfig`; their annotations are the schema.
+"""
+import dataclasses
+import os
+import types
+import typing
+
+import yaml
+from mindformers.tools.register import MindFormerConfig
+
+from research.common.errors import UserInputError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records the line of each mapping key in `self.key_lines`."""
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep=deep)
+        for key_node, _ in node.value:
+            self.key_lines[(id(mapping), key_node.value)] = key_node.start_mark.line + 1
+        return mapping
+
+
+def _index_lines(data, loader, prefix=()):
+    """Flatten the loader's per-mapping line records into {('a', 'b'): line}."""
+    index = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            line = loader.key_lines.get((id(data), key))
+            if line is not None:
+                index[prefix + (str(key),)] = line
+            index.update(_index_lines(value, loader, prefix + (str(key),)))
+    return index
+
+
+def resolve_config_path(config, model_dir):
+    """A path as given, or a bare file name looked up in `configs/<model_dir>/`."""
+    candidates = [config]
+    if not os.path.isabs(config):
+        name = config if config.endswith((".yaml", ".yml")) else config + ".yaml"
+        candidates.append(os.path.join(CONFIG_ROOT, model_dir, name))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise UserInputError(
+        f"config not found: {config!r} (looked for {', '.join(repr(c) for c in candidates)})")
+
+
+def load_config(path):
+    """Read a YAML config; returns a MindFormerConfig with `.source` = (path, line index)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            loader = _LineLoader(stream)
+            loader.key_lines = {}
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except OSError as err:
+        raise UserInputError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a YAML mapping at the top level")
+    lines = _index_lines(data, loader)
+    config = MindFormerConfig(**data)
+    config.source = ConfigSource(path, lines)
+    return config
+
+
+class ConfigSource:
+    """Where a config came from, to point errors at a file and line."""
+
+    def __init__(self, path, lines):
+        self.path = path
+        self.lines = lines
+
+    def where(self, field_path):
+        """'file:line: dotted.path' for a field, as precise as is known."""
+        keys = tuple(field_path.split("."))
+        while keys and keys not in self.lines:
+            keys = keys[:-1]
+        line = f":{self.lines[keys]}" if keys else ""
+        return f"{self.path}{line}: {field_path}"
+
+
+def _type_name(annotation):
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _check_value(value, annotation):
+    """True if `value` fits `annotation` (int/float/bool/str, Optional, list, tuple, Literal)."""
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_value(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and (
+            not args or all(_check_value(v, args[0]) for v in value))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Base for model configs: typed fields, built from YAML with checked types."""
+
+    @classmethod
+    def from_dict(cls, values, where="model_config", source=None):
+        """Build from a mapping; unknown fields and wrong types raise UserInputError."""
+        values = dict(values or {})
+        values.pop("type", None)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+
+        def location(name):
+            path = f"{where}.{name}"
+            return source.where(path) if source is not None else path
+
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise UserInputError(
+                f"{location(unknown[0])}: unknown field(s) {unknown} for {cls.__name__}; "
+                f"known fields: {sorted(fields)}")
+        kwargs = {}
+        for name, value in values.items():
+            annotation = hints[name]
+            sub = _sub_config_class(annotation)
+            if sub is not None and isinstance(value, dict):
+                value = sub.from_dict(value, f"{where}.{name}", source)
+            elif not _check_value(value, annotation):
+                raise UserInputError(
+                    f"{location(name)}: expected {_type_name(annotation)}, "
+                    f"got {value!r} ({type(value).__name__})")
+            if annotation is float and isinstance(value, int):
+                value = float(value)
+            kwargs[name] = value
+        config = cls(**kwargs)
+        try:
+            config.validate()
+        except UserInputError as err:
+            raise UserInputError(f"{source.path + ': ' if source else ''}{where}: {err}") from err
+        return config
+
+    def validate(self):
+        """Cross-field checks; subclasses raise UserInputError."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _sub_config_class(annotation):
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, ModelConfig):
+            return arg
+    return None
