@@ -1,0 +1,106 @@
+"""The shared generation loop: batching, stopping, sampling filters, streaming."""
+import numpy as np
+import pytest
+import mindspore as ms
+
+from research.common.errors import UserInputError
+from research.common.generation import (GenerationConfig, apply_repetition_penalty,
+                                        filter_top_k_top_p, generate)
+from tests.glm_fixtures import glm_from_state_dict, prompt, random_bodies, sat_state_dict, tiny_glm_config
+from tests.sat_reference import sat_chatglm_model
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_glm_config()
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return glm_from_state_dict(sat_state_dict(sat_chatglm_model(config, seed=7)), config)
+
+
+def greedy(config, **kwargs):
+    return GenerationConfig(pad_token_id=config.pad_token_id, **kwargs)
+
+
+@pytest.mark.parametrize("use_past", [True, False])
+def test_batch_of_three_equals_one_by_one(model, config, use_past):
+    prompts = [prompt(b, config) for b in random_bodies(11, [3, 9, 14])]
+    settings = greedy(config, max_new_tokens=12, use_past=use_past)
+    batched = generate(model, prompts, settings)
+    alone = [generate(model, [p], settings)[0] for p in prompts]
+    assert batched == alone
+    assert len({tuple(row) for row in batched}) == 3  # the rows really differ
+
+
+def test_stops_at_eos_and_stop_ids(model, config):
+    ids = prompt(random_bodies(12, [6])[0], config)
+    free = generate(model, [ids], greedy(config, max_new_tokens=10))[0]
+    stop_at = free[4]
+    first = free.index(stop_at)
+    stopped = generate(model, [ids], greedy(config, max_new_tokens=10, eos_token_id=stop_at))[0]
+    assert stopped == free[:first + 1]
+    by_stop_list = generate(model, [ids], greedy(config, max_new_tokens=10, stop_token_ids=[stop_at]))[0]
+    assert by_stop_list == stopped
+
+
+def test_length_limits(model, config):
+    ids = prompt(random_bodies(13, [6])[0], config)
+    assert len(generate(model, [ids], greedy(config, max_new_tokens=5))[0]) == 5
+    assert len(generate(model, [ids], greedy(config, max_length=len(ids) + 3))[0]) == 3
+    # without limits generation runs to the end of the static sequence
+    assert len(generate(model, [ids], greedy(config))[0]) == config.seq_length - len(ids)
+
+
+def test_streaming_callback_sees_every_token(model, config):
+    prompts = [prompt(b, config) for b in random_bodies(14, [4, 8])]
+    seen = []
+    out = generate(model, prompts, greedy(config, max_new_tokens=6), on_tokens=seen.append)
+    assert len(seen) == 6
+    assert [[step[row] for step in seen] for row in range(2)] == out
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(model, config):
+    ids = prompt(random_bodies(15, [6])[0], config)
+    settings = dict(max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=1.5)
+    first = generate(model, [ids], greedy(config, seed=1, **settings))[0]
+    again = generate(model, [ids], greedy(config, seed=1, **settings))[0]
+    other = generate(model, [ids], greedy(config, seed=2, **settings))[0]
+    assert first == again
+    assert first != other
+
+
+def test_prompt_longer_than_seq_length_is_a_clear_error(model, config):
+    too_long = prompt(list(range(10, 10 + config.seq_length)), config)
+    with pytest.raises(UserInputError, match=f"{len(too_long)} tokens but seq_length is {config.seq_length}"):
+        generate(model, [too_long], greedy(config, max_new_tokens=2))
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = np.array([[0.1, 3.0, -1.0, 2.0, 0.5]], np.float32)
+    kept = np.isfinite(filter_top_k_top_p(logits, top_k=2, top_p=1.0))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = np.log(probs).astype(np.float32)
+    # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the first two stay
+    assert np.isfinite(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [[True, True, False, False]]
+    # top_p below the largest probability still keeps one token
+    assert np.isfinite(filter_top_k_top_p(logits, 0, 0.1)).sum() == 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = np.array([[2.0, -2.0, 1.0]], np.float32)
+    out = apply_repetition_penalty(logits.copy(), [np.array([0, 1, 1])], 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                          ("max_new_tokens", 0)])
+def test_bad_generation_settings_are_rejected(model, config, field, value):
+    with pytest.raises(UserInputError, match=field):
+        generate(model, [prompt([20], config)], greedy(config, **{field: value}))
