@@ -147,3 +147,15 @@ def test_conversion_lists_unknown_missing_and_misshaped_keys(config, state_dict)
     bigger = tiny_glm_config(hidden_size=128)
     with pytest.raises(UserInputError, match="wrong shape.*word_embeddings"):
         convert_glm_state_dict(state_dict, bigger, "sat")
+
+
+def test_float16_compute_stays_close_to_the_float32_reference(config, sat_model, state_dict):
+    """compute_dtype float16 (the Ascend setting): matmuls in fp16, LayerNorm/softmax in fp32."""
+    half = tiny_glm_config(compute_dtype="float16", param_init_type="float16")
+    model = glm_from_state_dict(state_dict, half)
+    assert model.transformer.layers[0].attention.query_key_value.weight.dtype == ms.float16
+    assert model.transformer.layers[0].input_layernorm.gamma.dtype == ms.float32
+    ids = [prompt(random_bodies(4, [10])[0], config)]
+    expected = sat_logits(sat_model, ids)
+    error = np.abs(our_logits(model, ids, [0], half) - expected).max()
+    assert 1e-5 < error < 0.05 * np.abs(expected).max()

@@ -1,7 +1,7 @@
 """YAML configs in MindFormers' format, read safely and checked field by field.
 
-`load_config` reads a YAML file into a `MindFormerConfig` and remembers the line of every
-key, so that `ModelConfig.from_dict` can say "file:line: field must be int, got 'x'"
+`load_config` reads a YAML file (safe loading) into a `MindFormerConfig` and remembers the
+line of every key, so that `ModelConfig.from_dict` can say "file:line: field must be int, got 'x'"
 instead of failing later inside MindSpore. Model configs are dataclasses that subclass
 `ModelConfig`; their annotations are the schema.
 """
@@ -19,25 +19,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the line of each mapping key in `self.key_lines`."""
-
-    def construct_mapping(self, node, deep=False):
-        mapping = super().construct_mapping(node, deep=deep)
-        for key_node, _ in node.value:
-            self.key_lines[(id(mapping), key_node.value)] = key_node.start_mark.line + 1
-        return mapping
-
-
-def _index_lines(data, loader, prefix=()):
-    """Flatten the loader's per-mapping line records into {('a', 'b'): line}."""
+def _index_lines(node, prefix=()):
+    """{('a', 'b'): line} for every mapping key of a composed YAML node tree."""
     index = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            line = loader.key_lines.get((id(data), key))
-            if line is not None:
-                index[prefix + (str(key),)] = line
-            index.update(_index_lines(value, loader, prefix + (str(key),)))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            index[path] = key_node.start_mark.line + 1
+            index.update(_index_lines(value_node, path))
     return index
 
 
@@ -58,19 +47,15 @@ def load_config(path):
     """Read a YAML config; returns a MindFormerConfig with `.source` = (path, line index)."""
     try:
         with open(path, encoding="utf-8") as stream:
-            loader = _LineLoader(stream)
-            loader.key_lines = {}
-            try:
-                data = loader.get_single_data()
-            finally:
-                loader.dispose()
+            text = stream.read()
+        data = yaml.safe_load(text)
+        lines = _index_lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except OSError as err:
         raise UserInputError(f"cannot read config {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise UserInputError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise UserInputError(f"{path}: expected a YAML mapping at the top level")
-    lines = _index_lines(data, loader)
     config = MindFormerConfig(**data)
     config.source = ConfigSource(path, lines)
     return config

@@ -39,6 +39,9 @@ class GenerationConfig:
     eos_token_id: Optional[int] = None
     pad_token_id: int = 0
     stop_token_ids: Sequence[int] = ()
+    # Ids >= this are never chosen: the embedding table is padded past the tokenizer's
+    # vocabulary (GLM-6B: 130528 rows, ice_text.model fewer pieces).
+    valid_vocab_size: Optional[int] = None
     use_past: bool = True
     seed: int = 0
 
@@ -96,6 +99,8 @@ def _softmax(x):
 def choose_next_tokens(logits, histories, config: GenerationConfig, rng):
     """Next token per row from logits [B,V] (float32 numpy)."""
     logits = np.array(logits, dtype=np.float32)
+    if config.valid_vocab_size is not None:
+        logits[:, config.valid_vocab_size:] = -np.inf
     if config.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, histories, config.repetition_penalty)
     if not config.do_sample:

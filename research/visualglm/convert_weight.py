@@ -9,11 +9,6 @@ from research.common.convert import Row, apply_table, per_head_qkv_to_contiguous
 from research.visualglm.configuration_glm import GLMConfig
 
 GLM_LAYOUTS = ("sat", "hf")
-# Buffers that the model recomputes (rotary inverse frequencies) are not parameters.
-GLM_IGNORED = {
-    "sat": ("mixins.chatglm-attn.rotary_emb.inv_freq",),
-    "hf": (),
-}
 
 
 def glm_rows(config: GLMConfig, layout: str):
@@ -56,11 +51,11 @@ def glm_rows(config: GLMConfig, layout: str):
 
 
 def glm_ignored_keys(config: GLMConfig, layout: str):
-    """Source keys that carry no parameter (HF keeps a rotary buffer in every layer)."""
+    """Rotary inverse-frequency buffers: the model recomputes them (HF keeps one per layer)."""
     if layout == "hf":
         return tuple(f"transformer.layers.{i}.attention.rotary_emb.inv_freq"
                      for i in range(config.num_layers))
-    return GLM_IGNORED[layout]
+    return ("mixins.chatglm-attn.rotary_emb.inv_freq",)
 
 
 def convert_glm_state_dict(state_dict, config: GLMConfig, layout: str, strict=True):
