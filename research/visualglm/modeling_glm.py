@@ -23,14 +23,10 @@ from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.errors import UserInputError
+from research.common.layers import LayerNormFP32, ms_dtype
 from research.visualglm.configuration_glm import GLMConfig
 
 MASKED_SCORE = -10000.0
-
-
-def ms_dtype(name):
-    """MindSpore dtype from a config string such as 'float16'."""
-    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]
 
 
 def rotary_tables(num_positions, rotary_dim, base):
@@ -44,13 +40,6 @@ def rotary_tables(num_positions, rotary_dim, base):
 def rotate_half(x):
     x1, x2 = ops.chunk(x, 2, axis=-1)
     return ops.cat((-x2, x1), axis=-1)
-
-
-class LayerNormFP32(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the compute dtype; returns the input dtype."""
-
-    def construct(self, x):
-        return super().construct(x.astype(ms.float32)).astype(x.dtype)
 
 
 class GLMAttention(nn.Cell):

@@ -1,0 +1,36 @@
+"""Small building blocks shared by the GLM, the vision tower and the Q-Former."""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+def ms_dtype(name):
+    """MindSpore dtype from a config string such as 'float16'."""
+    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the compute dtype; returns the input dtype."""
+
+    def construct(self, x):
+        return super().construct(x.astype(ms.float32)).astype(x.dtype)
+
+
+def dense_layer(in_features, out_features, config, has_bias=True):
+    """nn.Dense with parameters in `config.param_init_type`, computing in `config.compute_dtype`."""
+    dense = nn.Dense(in_features, out_features, has_bias=has_bias,
+                     dtype=ms_dtype(config.param_init_type))
+    if config.compute_dtype != "float32":
+        dense.to_float(ms_dtype(config.compute_dtype))
+    return dense
+
+
+class ErfGeluMLP(nn.Cell):
+    """dense_h_to_4h -> exact (erf) GELU -> dense_4h_to_h (EVA-ViT and BLIP-2 Q-Former)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = dense_layer(config.hidden_size, config.intermediate_size, config)
+        self.dense_4h_to_h = dense_layer(config.intermediate_size, config.hidden_size, config)
+
+    def construct(self, x):
+        return self.dense_4h_to_h(ops.gelu(self.dense_h_to_4h(x), approximate="none"))
