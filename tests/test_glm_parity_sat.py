@@ -37,14 +37,6 @@ def state_dict(sat_model):
     return sat_state_dict(sat_model)
 
 
-@pytest.fixture(params=["graph", "pynative"])
-def mode(request):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=previous)
-
-
 def sat_logits(sat_model, ids):
     with torch.no_grad():
         return sat_model(input_ids=torch.tensor(ids, dtype=torch.long))[0].numpy()

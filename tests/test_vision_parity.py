@@ -75,14 +75,6 @@ def _qformer_config():
                          encoder_width=VIT["hidden_size"], query_length=QUERIES)
 
 
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=previous)
-
-
 def _vit_from_hf(hf_model):
     config = _vit_config()
     net = EvaViT(config)

@@ -15,6 +15,9 @@ from mindformers.tools.register import MindFormerConfig
 
 from research.common.errors import UserInputError
 
+# Precision fields of every model config (param_init_type, compute_dtype, ...).
+DTYPES = typing.Literal["float32", "float16", "bfloat16"]
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
 

@@ -35,13 +35,10 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import ModelConfig
+from research.common.config import DTYPES, ModelConfig
 from research.common.convert import Row
 from research.common.errors import UserInputError
 from research.common.layers import ErfGeluMLP, LayerNormFP32, dense_layer, ms_dtype
-
-DTYPES = Literal["float32", "float16", "bfloat16"]
-
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 @dataclasses.dataclass

@@ -8,11 +8,8 @@ from typing import Literal, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import ModelConfig
+from research.common.config import DTYPES, ModelConfig
 from research.common.errors import UserInputError
-
-DTYPES = Literal["float32", "float16", "bfloat16"]
-
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 @dataclasses.dataclass
