@@ -18,13 +18,15 @@ def read_checkpoint(path, what="checkpoint"):
     return {name: value.asnumpy() for name, value in params.items()}
 
 
-def load_params_into_net(net, params, what="checkpoint", allow_missing=()):
+def load_params_into_net(net, params, what="checkpoint", allow_missing=(), prefix=""):
     """Copy {name: array} into `net`; unknown, missing or mis-shaped names are an error.
 
     `allow_missing` lists name prefixes that may stay at their initial values (for example
-    LoRA weights when loading a base checkpoint).
+    LoRA weights when loading a base checkpoint). `prefix` is where the checkpoint's names
+    are rooted in `net`: a sub-cell's parameters carry their parent's path
+    (`llm_model.transformer...`) while a GLM checkpoint says `transformer...`.
     """
-    own = {p.name: p for p in net.get_parameters()}
+    own = {p.name[len(prefix):]: p for p in net.get_parameters() if p.name.startswith(prefix)}
     unknown = sorted(set(params) - set(own))
     missing = sorted(name for name in set(own) - set(params)
                      if not name.startswith(tuple(allow_missing)))

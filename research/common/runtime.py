@@ -18,9 +18,9 @@ def cli_main(main):
     """Run `main()`; a UserInputError prints 'error: ...' and exits with code 2."""
 
     @functools.wraps(main)
-    def wrapper(argv=None):
+    def wrapper(argv=None, **kwargs):
         try:
-            return main(argv)
+            return main(argv, **kwargs)
         except UserInputError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
@@ -76,12 +76,13 @@ def build_registered(module_type, name, *args, **kwargs):
     return MindFormerRegister.get_cls(module_type, name)(*args, **kwargs)
 
 
-def load_weights(net, checkpoint, what):
+def load_weights(net, checkpoint, what, allow_missing=(), prefix=""):
     """Load a converted checkpoint into `net` (nothing to do for an empty path)."""
     if not checkpoint:
         return False
     params = read_checkpoint(resolve_path(checkpoint, what), what)
-    load_params_into_net(net, params, what=f"{what} {checkpoint}")
+    load_params_into_net(net, params, what=f"{what} {checkpoint}", allow_missing=allow_missing,
+                         prefix=prefix)
     return True
 
 

@@ -51,6 +51,8 @@ class GLMConfig(ModelConfig):
     temperature: float = 0.95
     repetition_penalty: float = 1.2
     checkpoint_name_or_path: str = ""
+    # Parameter-efficient fine-tuning (seed 001's LoRA: pet_type, lora_rank, lora_alpha, ...).
+    pet_config: Optional[dict] = None
     # Accepted so MindFormers' YAML files load; they select Ascend-only fused kernels there.
     is_enhanced_encoder: bool = True
     is_sample_acceleration: bool = False

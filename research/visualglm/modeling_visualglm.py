@@ -1,0 +1,142 @@
+"""VisualGLM-6B: EVA-ViT-g -> Q-Former -> glm_proj gives 32 image embeddings, which replace
+the 32 placeholder tokens between `<img>` and `</img>` in the GLM's input embeddings.
+
+- `VisualGLMModel`: the image side (upstream's BLIP2 module): pixel_values [B,3,S,S] ->
+  image embeddings [B,32,GLM hidden]. It is its own cell so that it compiles (and exports
+  to MindIR) on its own.
+- `VisualGLMImageToTextGeneration`: the image side plus the GLM of modeling_glm; `construct`
+  is the full forward with the splice done in the graph (training), `generate` answers a
+  batch of (image, prompt) pairs through the shared generation loop.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from research.common import qformer as qformer_module
+from research.common import vision as vision_module
+from research.common.errors import UserInputError
+from research.common.generation import GenerationConfig, generate
+from research.common.layers import ms_dtype
+from research.common.runtime import load_weights
+from research.visualglm.configuration_visualglm import VisualGLMConfig
+from research.visualglm.convert_weight import glm_rows
+from research.visualglm.modeling_glm import GLMForConditionalGeneration
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class VisualGLMModel(nn.Cell):
+    """pixel_values [B,3,S,S] float32 -> image embeddings [B, query_length, GLM hidden]."""
+
+    def __init__(self, config: VisualGLMConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = vision_module.EvaViT(config.vision_config)
+        self.qformer = qformer_module.QFormer(config.qformer_config)
+        self.glm_proj = nn.Dense(config.qformer_config.hidden_size, config.text_config.hidden_size,
+                                 dtype=ms_dtype(config.dtype))
+        if config.compute_dtype != "float32":
+            self.glm_proj.to_float(ms_dtype(config.compute_dtype))
+
+    def construct(self, pixel_values):
+        return self.glm_proj(self.qformer(self.visual_encoder(pixel_values)))
+
+
+def splice_image_embeddings(text_embeds, image_embeds, image_mask):
+    """text_embeds [B,S,H] with the positions where image_mask [B,S] is set replaced, in order,
+    by image_embeds [B,N,H] (each row has exactly N such positions)."""
+    batch, length, hidden = text_embeds.shape
+    order = ops.cumsum(image_mask.astype(ms.int32), axis=1) - 1
+    order = ops.clip(order, 0, image_embeds.shape[1] - 1)
+    gathered = ops.gather_elements(
+        image_embeds.astype(text_embeds.dtype), 1,
+        ops.broadcast_to(order.reshape(batch, length, 1), (batch, length, hidden)))
+    keep_image = ops.broadcast_to(image_mask.reshape(batch, length, 1) > 0, (batch, length, hidden))
+    return ops.select(keep_image, gathered, text_embeds)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class VisualGLMImageToTextGeneration(nn.Cell):
+    """VisualGLM-6B for image-grounded chat.
+
+    Parameters live under `image_encoder.` (`visual_encoder.*`, `qformer.*`, `glm_proj.*`) and
+    `llm_model.` (the GLM's own names), so each converted checkpoint loads into its part.
+    """
+
+    def __init__(self, config: VisualGLMConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = VisualGLMModel(config)
+        self.llm_model = GLMForConditionalGeneration(config.text_config)
+
+    def construct(self, input_ids, position_ids, attention_mask, pixel_values, image_mask):
+        """Logits [B,S,V] for input_ids [B,S] whose `image_mask` positions hold the image."""
+        image_embeds = self.image_encoder(pixel_values)
+        text_embeds = self.llm_model.embed_tokens(input_ids)
+        embeds = splice_image_embeddings(text_embeds, image_embeds, image_mask)
+        logits, _, _ = self.llm_model(input_ids, position_ids, attention_mask, embeds)
+        return logits
+
+    def load_checkpoints(self):
+        """Load the three converted checkpoints the config names; returns the parts loaded."""
+        parts = [
+            ("ViT checkpoint (vision_config.checkpoint_name_or_path)",
+             self.config.vision_config.checkpoint_name_or_path, self.image_encoder,
+             ("qformer.", "glm_proj."), "image_encoder."),
+            ("Q-Former checkpoint (model_config.checkpoint_name_or_path)",
+             self.config.checkpoint_name_or_path, self.image_encoder, ("visual_encoder.",),
+             "image_encoder."),
+            ("GLM checkpoint (text_config.checkpoint_name_or_path)",
+             self.config.text_config.checkpoint_name_or_path, self.llm_model, (), "llm_model."),
+        ]
+        loaded = []
+        for what, path, cell, allow_missing, prefix in parts:
+            if load_weights(cell, path, what, allow_missing=allow_missing, prefix=prefix):
+                loaded.append(what.split(" (")[0])
+        return loaded
+
+    def image_embeddings(self, pixel_values):
+        """Image embeddings [B,32,H] (numpy) for pixel_values [B,3,S,S]."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise UserInputError(f"pixel_values must be [batch, 3, {size}, {size}], "
+                                 f"got {list(pixel_values.shape)}")
+        return self.image_encoder(Tensor(pixel_values, ms.float32)).asnumpy()
+
+    def prompt_embeddings(self, prompts, pre_image_lengths, image_embeds):
+        """Left-padded prompt embeddings [B,P,H] with each row's image spliced in after `<img>`.
+
+        prompts: id lists holding `image_length` placeholders at pre_image_lengths[row].
+        """
+        batch, prompt_length = len(prompts), max(len(p) for p in prompts)
+        image_length = self.config.image_length
+        ids = np.full((batch, prompt_length), self.config.text_config.pad_token_id, np.int32)
+        image_mask = np.zeros((batch, prompt_length), bool)
+        for row, (prompt, pre_image) in enumerate(zip(prompts, pre_image_lengths)):
+            pad = prompt_length - len(prompt)
+            if pre_image + image_length > len(prompt):
+                raise UserInputError(
+                    f"prompt {row} has {len(prompt)} ids; the image span "
+                    f"{pre_image}..{pre_image + image_length} does not fit in it")
+            ids[row, pad:] = prompt
+            image_mask[row, pad + pre_image:pad + pre_image + image_length] = True
+        embeds = self.llm_model.embed_tokens(Tensor(ids)).asnumpy()
+        embeds[image_mask] = image_embeds.reshape(-1, image_embeds.shape[-1]).astype(embeds.dtype)
+        return embeds
+
+    def generate(self, prompts, pre_image_lengths, pixel_values, settings: GenerationConfig,
+                 on_tokens=None):
+        """New token ids for each (image, prompt) row, all rows in one batch."""
+        if len(prompts) != len(pixel_values) or len(prompts) != len(pre_image_lengths):
+            raise UserInputError(f"{len(pixel_values)} images for {len(prompts)} prompts")
+        embeds = self.prompt_embeddings(prompts, pre_image_lengths,
+                                        self.image_embeddings(pixel_values))
+        return generate(self.llm_model, prompts, settings, prompt_embeds=embeds, on_tokens=on_tokens)
+
+
+def count_parameters(config: VisualGLMConfig):
+    """Parameters of VisualGLMImageToTextGeneration(config), from shapes (nothing allocated)."""
+    proj = (config.qformer_config.hidden_size + 1) * config.text_config.hidden_size
+    glm = sum(int(np.prod(row.shape)) for row in glm_rows(config.text_config, "sat"))
+    return (vision_module.count_parameters(config.vision_config)
+            + qformer_module.count_parameters(config.qformer_config) + proj + glm)
