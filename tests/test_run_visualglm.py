@@ -132,3 +132,30 @@ def test_mismatched_images_and_prompts(capsys):
                                                    f"{EXAMPLE},{EXAMPLE}", "--prompt", "a",
                                                    "--prompt", "b", "--prompt", "c"], capsys)
     assert code == 2 and "2 images but 3 prompts" in err
+
+
+def test_sat_checkpoint_converts_and_runs_with_and_without_kv_cache(tmp_path):
+    """A tiny VisualGLM in SAT's key layout -> convert_weight.py -> run_visualglm.py."""
+    from research.visualglm import convert_weight
+    from tests.visualglm_fixtures import (sat_visualglm_state_dict, tiny_visualglm_config,
+                                          write_sat_checkpoint)
+
+    state_dict = sat_visualglm_state_dict(tiny_visualglm_config(), seed=4, std=0.3)
+    sat_path = write_sat_checkpoint(state_dict, str(tmp_path / "visualglm-6b"))
+    out = tmp_path / "converted"
+    paths = {name: str(out / f"{name}.ckpt") for name in ("visualglm_vit", "visualglm_qformer", "glm_6b")}
+    convert_weight.main(["--torch_path", sat_path, "--config", TINY,
+                         "--vit_mindspore_path", paths["visualglm_vit"],
+                         "--qformer_mindspore_path", paths["visualglm_qformer"],
+                         "--glm_mindspore_path", paths["glm_6b"]])
+    assert (out / "glm_6b_for_lite.ckpt").is_file()
+    config = write_config(str(tmp_path), vision=paths["visualglm_vit"],
+                          qformer=paths["visualglm_qformer"], glm=paths["glm_6b"])
+    gray = images_in_every_mode(str(tmp_path))[0]
+    argv = ["--config", config, "--image_path", f"{EXAMPLE},{gray}", "--prompt", "描述这张图片。",
+            "--max_new_tokens", "12", "--batch_size", "2"]
+    with_cache = run_visualglm.main(argv + ["--use_past", "True"])
+    without_cache = run_visualglm.main(argv + ["--use_past", "False"])
+    assert with_cache == without_cache
+    answers = [text.split("答：", 1)[1] for text in with_cache]
+    assert answers[0] and answers[0] != answers[1], "two images, same prompt: answers must differ"

@@ -4,6 +4,10 @@ A conversion is an explicit table of rows (source name, target name, expected sh
 transform), as in nanoGPT's `from_pretrained`: every source key must be claimed by a row or
 listed as ignorable, every row must find its key with the expected shape, and anything else
 is an error that lists the offending names.
+
+`check_table` runs those checks on {key: shape} alone, so a converter can validate a whole
+checkpoint from its headers before reading any weights, then convert shard by shard and
+stream the results into a `.ckpt` with `CheckpointWriter`.
 """
 import dataclasses
 import os
@@ -24,6 +28,10 @@ class Row:
     shape: tuple  # shape expected in the source checkpoint
     transform: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
+    def apply(self, value):
+        """The target value for source `value`."""
+        return self.transform(value) if self.transform else value
+
 
 def apply_table(source: Mapping[str, np.ndarray], rows: Sequence[Row], ignore: Sequence[str] = (),
                 what="checkpoint", strict=True):
@@ -33,25 +41,32 @@ def apply_table(source: Mapping[str, np.ndarray], rows: Sequence[Row], ignore: S
     error; callers that convert one part of a bigger checkpoint pass strict=False and check
     the leftovers themselves with `unclaimed_keys`.
     """
-    missing = [row.source for row in rows if row.source not in source]
-    if missing:
-        raise UserInputError(
-            f"{what}: {len(missing)} expected key(s) missing: {_listing(missing)}")
-    bad_shapes = [f"{row.source}: expected {tuple(row.shape)}, found {tuple(source[row.source].shape)}"
-                  for row in rows if tuple(source[row.source].shape) != tuple(row.shape)]
+    check_table({key: tuple(value.shape) for key, value in source.items()}, rows, ignore,
+                what=what, strict=strict)
+    return {row.target: row.apply(np.asarray(source[row.source])) for row in rows}
+
+
+def check_table(shapes: Mapping[str, tuple], rows: Sequence[Row], ignore: Sequence[str] = (),
+                what="checkpoint", strict=True):
+    """One UserInputError naming every missing key, wrong shape and (with `strict`) unknown key.
+
+    `shapes` is {source key: shape}; no tensor data is needed.
+    """
+    problems = []
+    bad_shapes = [f"{row.source}: expected {tuple(row.shape)}, found {tuple(shapes[row.source])}"
+                  for row in rows
+                  if row.source in shapes and tuple(shapes[row.source]) != tuple(row.shape)]
     if bad_shapes:
-        raise UserInputError(
-            f"{what}: {len(bad_shapes)} tensor(s) have the wrong shape (is this checkpoint for "
-            f"another model size?): {_listing(bad_shapes)}")
-    if strict:
-        unknown = unclaimed_keys(source, [rows], ignore)
-        if unknown:
-            raise UserInputError(f"{what}: {len(unknown)} unknown key(s): {_listing(unknown)}")
-    converted = {}
-    for row in rows:
-        value = np.asarray(source[row.source])
-        converted[row.target] = row.transform(value) if row.transform else value
-    return converted
+        problems.append(f"{len(bad_shapes)} tensor(s) have the wrong shape (is this checkpoint "
+                        f"for another model size?): {_listing(bad_shapes)}")
+    missing = [row.source for row in rows if row.source not in shapes]
+    if missing:
+        problems.append(f"{len(missing)} expected key(s) missing: {_listing(missing)}")
+    unknown = unclaimed_keys(shapes, [rows], ignore) if strict else []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s): {_listing(unknown)}")
+    if problems:
+        raise UserInputError(f"{what}: " + "; ".join(problems))
 
 
 def unclaimed_keys(source, tables, ignore=()):
@@ -73,23 +88,93 @@ def per_head_qkv_to_contiguous(value, num_heads):
     return np.ascontiguousarray(np.swapaxes(value, 0, 1)).reshape(3 * num_heads * head_dim, *rest)
 
 
-def save_checkpoint_atomic(params: Mapping[str, np.ndarray], path, dtype=None):
-    """Write a MindSpore checkpoint through a temp file and a rename, so no half file is left."""
-    import mindspore as ms
+# MindSpore's own slice size: each protobuf entry stays far below protobuf's 2 GiB limit.
+SLICE_BYTES = 512 * 1024 * 1024
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    entries = []
-    for name, value in params.items():
-        value = np.asarray(value)
-        if dtype is not None and np.issubdtype(value.dtype, np.floating):
-            value = value.astype(dtype)
-        entries.append({"name": name, "data": ms.Tensor(value)})
-    handle, tmp_path = tempfile.mkstemp(suffix=".tmp.ckpt", dir=directory)
-    os.close(handle)
-    try:
-        ms.save_checkpoint(entries, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+# numpy dtype -> `tensor_type` string of MindSpore's checkpoint (str() of the MindSpore dtype).
+_CKPT_TENSOR_TYPES = {np.dtype(np.float16): "Float16", np.dtype(np.float32): "Float32",
+                      np.dtype(np.float64): "Float64", np.dtype(np.int8): "Int8",
+                      np.dtype(np.int16): "Int16", np.dtype(np.int32): "Int32",
+                      np.dtype(np.int64): "Int64", np.dtype(np.uint8): "UInt8",
+                      np.dtype(np.bool_): "Bool"}
+
+
+class CheckpointWriter:
+    """Appends tensors one at a time to a MindSpore `.ckpt`, so no whole model is held in memory.
+
+    A `.ckpt` is the protobuf `Checkpoint { repeated Value value }`; serialized one-entry
+    messages concatenate into a valid file, and MindSpore's loader joins consecutive entries
+    with the same tag, so a large tensor goes out in slices as `ms.save_checkpoint` writes it.
+    The data goes to a temp file beside `path`, renamed to `path` when the `with` block ends
+    without an exception and removed otherwise: a failed run never leaves a half checkpoint
+    (or clobbers an older one) under the final name.
+    """
+
+    def __init__(self, path, slice_bytes=SLICE_BYTES):
+        self.path = path
+        self.slice_bytes = slice_bytes
+        self.num_tensors = 0
+        self.num_elements = 0
+        self.dtypes = set()
+        self._names = set()
+        self._checkpoint_message = None
+        self._file = None
+        self._tmp_path = None
+
+    def __enter__(self):
+        from mindspore.train.checkpoint_pb2 import Checkpoint
+
+        self._checkpoint_message = Checkpoint
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        handle, self._tmp_path = tempfile.mkstemp(
+            prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory)
+        self._file = os.fdopen(handle, "wb")
+        return self
+
+    def write(self, name, value):
+        """Append `value` (a numpy array) as parameter `name`."""
+        value = np.ascontiguousarray(value)
+        tensor_type = _CKPT_TENSOR_TYPES.get(value.dtype)
+        if tensor_type is None:
+            raise ValueError(f"{name}: dtype {value.dtype} cannot be written to a MindSpore "
+                             f"checkpoint (supported: {sorted(map(str, _CKPT_TENSOR_TYPES))})")
+        if name in self._names:
+            raise ValueError(f"{name} is written twice to {self.path}")
+        self._names.add(name)
+        data = memoryview(value.reshape(-1).view(np.uint8))
+        for start in range(0, max(len(data), 1), self.slice_bytes):
+            message = self._checkpoint_message()
+            entry = message.value.add()
+            entry.tag = name
+            entry.tensor.dims.extend(value.shape)
+            entry.tensor.tensor_type = tensor_type
+            entry.tensor.tensor_content = data[start:start + self.slice_bytes].tobytes()
+            self._file.write(message.SerializeToString())
+        self.num_tensors += 1
+        self.num_elements += value.size
+        self.dtypes.add(str(value.dtype))
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.chmod(self._tmp_path, 0o644)  # mkstemp made it private (0600)
+                os.replace(self._tmp_path, self.path)
+        finally:
+            self._file.close()
+            if os.path.exists(self._tmp_path):
+                os.remove(self._tmp_path)
+        return False
+
+
+def save_checkpoint_atomic(params: Mapping[str, np.ndarray], path, dtype=None):
+    """Write {name: array} as a MindSpore checkpoint, floating arrays cast to `dtype` if given."""
+    with CheckpointWriter(path) as writer:
+        for name, value in params.items():
+            value = np.asarray(value)
+            if dtype is not None and np.issubdtype(value.dtype, np.floating):
+                value = value.astype(dtype)
+            writer.write(name, value)

@@ -286,3 +286,22 @@ def rows_from_hf_blip2_qformer(config: QFormerConfig, prefix="", query_tokens_ke
 
 __all__ = ["QFormerConfig", "QFormer", "parameter_shapes", "count_parameters",
            "fuse_hf_blip2_qformer", "rows_from_hf_blip2_qformer"]
+
+
+def rows_from_sat_qformer(config: QFormerConfig, prefix=""):
+    """Rows mapping SAT's Q-Former (VisualGLM: `mixins.eva.model.qformer.`) onto `QFormer`.
+
+    SAT keeps the query tokens as a vocabulary of `query_length` words (`word_embeddings`) and
+    every layer under `transformer.` with our names and layer order (see the module docstring).
+    """
+    rows = [Row(f"{prefix}transformer.word_embeddings.weight", "query_tokens",
+                (config.query_length, config.hidden_size))]
+    torch_kind = {"gamma": "weight", "beta": "bias"}  # LayerNorm naming
+    for name, shape in parameter_shapes(config).items():
+        if name != "query_tokens":
+            base, kind = name.rsplit(".", 1)
+            rows.append(Row(f"{prefix}transformer.{base}.{torch_kind.get(kind, kind)}", name, shape))
+    return rows
+
+
+__all__ += ["rows_from_sat_qformer"]

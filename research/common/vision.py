@@ -263,3 +263,30 @@ def eva_qkv_bias(q_bias, v_bias):
 
 __all__ = ["ViTConfig", "EvaViT", "parameter_shapes", "count_parameters",
            "rows_from_hf_blip2_vision", "eva_qkv_bias"]
+
+
+def rows_from_sat_eva_vit(config: ViTConfig, prefix=""):
+    """Rows mapping SAT's EVA-ViT (VisualGLM: `mixins.eva.model.vit.`) onto `EvaViT` parameters.
+
+    SAT keeps the class token as a one-word vocabulary (`word_embeddings`, [1, hidden]), the
+    patch conv and `ln_vision` in mixins, and the blocks under `transformer.` with our names.
+    """
+    h, c, p = config.hidden_size, config.num_channels, config.patch_size
+    rows = [
+        Row(f"{prefix}mixins.patch_embedding.proj.weight", "patch_embedding.proj.weight", (h, c, p, p)),
+        Row(f"{prefix}mixins.patch_embedding.proj.bias", "patch_embedding.proj.bias", (h,)),
+        Row(f"{prefix}transformer.word_embeddings.weight", "cls_token", (1, h)),
+        Row(f"{prefix}transformer.position_embeddings.weight", "position_embeddings",
+            (config.num_positions, h)),
+    ]
+    torch_kind = {"gamma": "weight", "beta": "bias"}  # LayerNorm naming
+    for name, shape in parameter_shapes(config).items():
+        if name.startswith("layers."):
+            base, kind = name.rsplit(".", 1)
+            rows.append(Row(f"{prefix}transformer.{base}.{torch_kind.get(kind, kind)}", name, shape))
+    rows.append(Row(f"{prefix}mixins.cls.ln_vision.weight", "ln_vision.gamma", (h,)))
+    rows.append(Row(f"{prefix}mixins.cls.ln_vision.bias", "ln_vision.beta", (h,)))
+    return rows
+
+
+__all__ += ["rows_from_sat_eva_vit"]

@@ -140,3 +140,58 @@ def count_parameters(config: VisualGLMConfig):
     glm = sum(int(np.prod(row.shape)) for row in glm_rows(config.text_config, "sat"))
     return (vision_module.count_parameters(config.vision_config)
             + qformer_module.count_parameters(config.qformer_config) + proj + glm)
+
+
+class VisualGLMForTraining(nn.Cell):
+    """The language-modelling loss of VisualGLM: logits at t predict labels at t+1, -100 ignored.
+
+    Built with auto_prefix=False so parameter names stay those of the wrapped model.
+    """
+
+    def __init__(self, model: VisualGLMImageToTextGeneration):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, image, input_ids, labels, position_ids, attention_mask, image_mask):
+        logits = self.model(input_ids, position_ids, attention_mask, image, image_mask)
+        vocab = logits.shape[-1]
+        logits = logits[:, :-1].reshape(-1, vocab).astype(ms.float32)
+        targets = labels[:, 1:].reshape(-1).astype(ms.int32)
+        return ops.cross_entropy(logits, targets, ignore_index=-100, reduction="mean")
+
+
+def select_trainable(model: VisualGLMImageToTextGeneration):
+    """Mark what fine-tuning updates and return it.
+
+    With `text_config.pet_config` (LoRA) only the LoRA matrices train (seed 001); otherwise the
+    Q-Former and glm_proj train, plus the ViT unless `freeze_vision` and the GLM unless
+    `freeze_text` (full fine-tuning).
+    """
+    from research.common.lora import freeze_all_but_lora
+
+    config = model.config
+    if config.text_config.pet_config:
+        return freeze_all_but_lora(model)
+    frozen = (("image_encoder.visual_encoder.",) if config.freeze_vision else ()) + \
+        (("llm_model.",) if config.freeze_text else ())
+    trainable = []
+    for param in model.get_parameters():
+        param.requires_grad = not param.name.startswith(frozen)
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+# LoRA targets of the GLM when pet_config.target_modules is empty (seed 001: the attention's
+# fused query_key_value and its output dense; exclude_layers keeps the MLP out).
+GLM_LORA_TARGETS = r"attention\.(query_key_value|dense)$"
+
+
+def add_glm_lora(model: VisualGLMImageToTextGeneration, source=None):
+    """Apply `text_config.pet_config` LoRA to the GLM; call before the first forward pass
+    (GRAPH mode compiles the cell tree it sees first). Returns the adapted cell names."""
+    from research.common.lora import LoRAConfig, apply_lora
+
+    text = model.config.text_config
+    lora = LoRAConfig.from_dict(text.pet_config, "model.model_config.text_config.pet_config", source)
+    return apply_lora(model.llm_model, lora, GLM_LORA_TARGETS, ms_dtype(text.compute_dtype))
