@@ -17,7 +17,7 @@ $(INSTALLED): pyproject.toml Makefile
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) -m research.visualglm.run_visualglm --config run_visualglm_tiny_image_to_text_generation.yaml --image_path examples/visualglm/shapes.png --prompt "描述这张图片。"
+	$(PY) -m research.visualglm.demo
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

@@ -27,6 +27,12 @@ def load_params_into_net(net, params, what="checkpoint", allow_missing=(), prefi
     (`llm_model.transformer...`) while a GLM checkpoint says `transformer...`.
     """
     own = {p.name[len(prefix):]: p for p in net.get_parameters() if p.name.startswith(prefix)}
+    copy_params(own, params, what, allow_missing)
+
+
+def copy_params(own, params, what, allow_missing=(), hint="wrong model or config?"):
+    """Copy {name: array} into the parameters {name: Parameter} after checking that the names
+    and shapes match exactly (names starting with `allow_missing` may be absent)."""
     unknown = sorted(set(params) - set(own))
     missing = sorted(name for name in set(own) - set(params)
                      if not name.startswith(tuple(allow_missing)))
@@ -41,8 +47,7 @@ def load_params_into_net(net, params, what="checkpoint", allow_missing=(), prefi
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:10])}")
     if problems:
-        raise UserInputError(f"{what} does not fit this model (wrong model or config?): "
-                             + " | ".join(problems))
+        raise UserInputError(f"{what} does not fit this model ({hint}): " + " | ".join(problems))
     for name, value in params.items():
         param = own[name]
         param.set_data(ms.Tensor(np.asarray(value), dtype=param.dtype))

@@ -80,25 +80,25 @@ class ConfigSource:
         return f"{self.path}{line}: {field_path}"
 
 
-def _type_name(annotation):
+def type_name(annotation):
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
 
 
-def _check_value(value, annotation):
+def check_value(value, annotation):
     """True if `value` fits `annotation` (int/float/bool/str, Optional, list, tuple, Literal)."""
     origin = typing.get_origin(annotation)
     if annotation is typing.Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_check_value(value, arg) for arg in typing.get_args(annotation))
+        return any(check_value(value, arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
     if origin in (list, tuple):
         args = typing.get_args(annotation)
         return isinstance(value, (list, tuple)) and (
-            not args or all(_check_value(v, args[0]) for v in value))
+            not args or all(check_value(v, args[0]) for v in value))
     if annotation is type(None):
         return value is None
     if annotation is float:
@@ -135,9 +135,9 @@ class ModelConfig:
             sub = _sub_config_class(annotation)
             if sub is not None and isinstance(value, dict):
                 value = sub.from_dict(value, f"{where}.{name}", source)
-            elif not _check_value(value, annotation):
+            elif not check_value(value, annotation):
                 raise UserInputError(
-                    f"{location(name)}: expected {_type_name(annotation)}, "
+                    f"{location(name)}: expected {type_name(annotation)}, "
                     f"got {value!r} ({type(value).__name__})")
             if annotation is float and isinstance(value, int):
                 value = float(value)

@@ -95,6 +95,19 @@ class VisualGLMImageToTextGeneration(nn.Cell):
                 loaded.append(what.split(" (")[0])
         return loaded
 
+    def save_checkpoints(self, vit_path, qformer_path, glm_path):
+        """Write the model's weights as the three checkpoints `load_checkpoints` reads (the
+        layout convert_weight.py writes); LoRA weights must be merged or left out first."""
+        from research.common.convert import save_checkpoint_atomic
+
+        parts = {vit_path: ("image_encoder.", ("image_encoder.visual_encoder.",)),
+                 qformer_path: ("image_encoder.", ("image_encoder.qformer.", "image_encoder.glm_proj.")),
+                 glm_path: ("llm_model.", ("llm_model.",))}
+        params = {p.name: p for p in self.get_parameters()}
+        for path, (prefix, scopes) in parts.items():
+            save_checkpoint_atomic({name[len(prefix):]: param.asnumpy() for name, param in params.items()
+                                    if name.startswith(scopes)}, path)
+
     def image_embeddings(self, pixel_values):
         """Image embeddings [B,32,H] (numpy) for pixel_values [B,3,S,S]."""
         size = self.config.vision_config.image_size

@@ -10,11 +10,13 @@ seq_length + the 32 image tokens. A bare config name is looked up in configs/vis
 import argparse
 import time
 
+from research.common.checkpoint import read_checkpoint
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig
+from research.common.lora import load_lora_checkpoint
 from research.common.runtime import cli_main, init_context, str2bool
 from research.visualglm.configuration_visualglm import load_visualglm_config
-from research.visualglm.modeling_visualglm import VisualGLMImageToTextGeneration
+from research.visualglm.modeling_visualglm import VisualGLMImageToTextGeneration, add_glm_lora
 from research.visualglm.processing_visualglm import build_processor, postprocess_response
 from research.visualglm.run_glm import check_special_ids
 
@@ -62,8 +64,12 @@ def image_prompt_pairs(args):
     return list(zip(images, prompts))
 
 
-def build_visualglm(args):
-    """(config, model with its checkpoints, processor, loaded parts, device) from YAML + flags."""
+def build_visualglm(args, lora_checkpoint=None):
+    """(config, model with its checkpoints, processor, loaded parts, device) from YAML + flags.
+
+    With `lora_checkpoint` (a trainable-only checkpoint written by fine-tuning), LoRA as
+    `text_config.pet_config` describes it is added to the GLM and loaded from that file.
+    """
     yaml_config, config = load_visualglm_config(args.config)
     device = init_context(yaml_config, args.device_id)
     text = config.text_config
@@ -79,6 +85,14 @@ def build_visualglm(args):
     model = VisualGLMImageToTextGeneration(config)
     model.set_train(False)
     loaded = model.load_checkpoints()
+    if lora_checkpoint:
+        if not text.pet_config:
+            raise UserInputError(f"{yaml_config.source.path}: text_config.pet_config is not set; it "
+                                 f"must describe the LoRA that {lora_checkpoint} was trained with")
+        add_glm_lora(model, yaml_config.source)
+        load_lora_checkpoint(model, read_checkpoint(lora_checkpoint, "LoRA checkpoint"),
+                             f"LoRA checkpoint {lora_checkpoint}")
+        loaded.append("LoRA checkpoint")
     processor = build_processor(yaml_config.get("processor") or {}, config.image_length)
     if processor.image_processor.image_size != config.vision_config.image_size:
         raise UserInputError(
@@ -99,7 +113,7 @@ def generation_settings(config, tokenizer, max_new_tokens=None):
 
 
 def describe_weights(loaded):
-    if len(loaded) == 3:
+    if len(loaded) >= 3:
         return "weights: " + ", ".join(loaded)
     missing = 3 - len(loaded)
     return (f"weights: {', '.join(loaded) or 'none'}; {missing} part(s) without a checkpoint keep "

@@ -1,0 +1,474 @@
+"""A small, model-agnostic trainer: AdamWeightDecay, dynamic loss scaling, gradient clipping,
+data parallelism, checkpoints that resume exactly, loss.csv and loss.png.
+
+    args = TrainingArguments.from_yaml(load_config("run_visualglm_lora.yaml"))
+    Trainer(network, lora_params, args, parallel_context=ctx).train(dataset, resume=True)
+
+`network(*[batch[c] for c in dataset.columns])` returns the scalar loss. `dataset` has
+`__len__`, `__getitem__(i) -> {column: numpy array}`, `columns` and, optionally,
+`order(epoch) -> indices` (deterministic; else samples go in order). Batches are stacked on the
+host and fed to one compiled step (static shapes: the last incomplete batch is dropped). With N
+processes the global batch is batch_size * N samples and rank r takes rows r*batch_size.. of it.
+
+One step (`TrainStep`, as MindFormers' MFTrainOneStepCell but with ordinary ops, so it runs on
+CPU): gradients of loss * scale, divided by the scale, averaged over the processes, checked
+for inf/nan (together with the loss), clipped to a global norm of `max_grad_norm`
+(g * max_norm / max(norm, max_norm)), then applied - or skipped on overflow, in which case the
+optimizer's step (and so the lr schedule) does not advance. The host keeps the loss scale as
+MindSpore's DynamicLossScaleUpdateCell does: halve on overflow (not below 1), double after
+`scale_window` consecutive good steps. A loss that stays non-finite, or overflows that go on
+with the scale already at its minimum, for `nan_patience` consecutive steps stop training with
+a TrainingDivergedError after loss.csv is written.
+
+Files under `output_dir` (rank N, checkpoint names `<prefix>_rank_N-<step>.ckpt`):
+`checkpoint_trainable/rank_N/` the trainable parameters only (MindSpore names), and
+`checkpoint/rank_N/` the whole training state for `resume` (those parameters, the optimizer's
+moments and global_step, the loss scale, the good-step and bad-step counters, the step and
+the position in the data order); both keep the newest `keep_checkpoint_max`. Rank 0 also
+writes loss.csv (COLUMNS) and loss.png at every checkpoint and at the end.
+"""
+import csv
+import dataclasses
+import os
+import re
+import time
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from mindformers.tools.register import MindFormerModuleType
+
+from research.common.checkpoint import read_checkpoint
+from research.common.config import check_value, type_name
+from research.common.convert import save_checkpoint_atomic
+from research.common.errors import UserInputError
+from research.common.loss_curve import write_loss_png
+from research.common.lr_schedule import AnnealingLR, LayerScaledLR, layer_index, layer_lr_scale
+from research.common.parallel import ParallelContext, gradient_reducer
+from research.common.progress import Progress
+from research.common.runtime import build_registered
+
+COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "skipped", "seconds")
+_STATE_KEYS = ("step", "epoch", "position", "loss_scale", "good_steps", "bad_steps", "global_batch")
+
+
+class TrainingDivergedError(UserInputError):
+    """The loss went non-finite and loss scaling could not bring it back."""
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    """What the trainer reads from a MindFormers YAML (see `from_yaml` for where each comes from)."""
+
+    output_dir: str = "./output"
+    epochs: int = 1
+    batch_size: int = 1
+    lr_schedule: dict = dataclasses.field(
+        default_factory=lambda: {"type": "AnnealingLR", "learning_rate": 1e-5})
+    layer_scale: bool = False
+    layer_decay: float = 0.65
+    num_layers: Optional[int] = None  # for layer_scale; default: 1 + the largest `layers.N.`
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    loss_scale_value: float = 65536.0
+    scale_factor: float = 2.0  # 1.0: a fixed loss scale
+    scale_window: int = 1000
+    use_clip_grad: bool = False
+    max_grad_norm: float = 1.0
+    prefix: str = "model"
+    save_checkpoint_steps: int = 0  # 0: only at the end
+    keep_checkpoint_max: int = 5
+    nan_patience: int = 3
+
+    # (dotted YAML path, field)
+    YAML_FIELDS = (
+        ("output_dir", "output_dir"),
+        ("runner_config.epochs", "epochs"),
+        ("runner_config.batch_size", "batch_size"),
+        ("layer_scale", "layer_scale"),
+        ("layer_decay", "layer_decay"),
+        ("optimizer.beta1", "beta1"),
+        ("optimizer.beta2", "beta2"),
+        ("optimizer.eps", "eps"),
+        ("optimizer.weight_decay", "weight_decay"),
+        ("runner_wrapper.scale_sense.loss_scale_value", "loss_scale_value"),
+        ("runner_wrapper.scale_sense.scale_factor", "scale_factor"),
+        ("runner_wrapper.scale_sense.scale_window", "scale_window"),
+        ("runner_wrapper.use_clip_grad", "use_clip_grad"),
+        ("runner_wrapper.max_grad_norm", "max_grad_norm"),
+        ("callbacks.CheckpointMonitor.prefix", "prefix"),
+        ("callbacks.CheckpointMonitor.save_checkpoint_steps", "save_checkpoint_steps"),
+        ("callbacks.CheckpointMonitor.keep_checkpoint_max", "keep_checkpoint_max"),
+    )
+
+    @classmethod
+    def from_yaml(cls, config, **overrides):
+        """Read the sections `runner_config`, `lr_schedule`, `layer_scale`/`layer_decay`,
+        `optimizer` (AdamWeightDecay), `runner_wrapper` (scale_sense, use_clip_grad,
+        max_grad_norm) and the `CheckpointMonitor` entry of `callbacks`; `overrides` win."""
+        source = getattr(config, "source", None)
+
+        def where(path):
+            return source.where(path) if source is not None else path
+
+        optimizer = dict(config.get("optimizer") or {})
+        if optimizer.get("type", "AdamWeightDecay") != "AdamWeightDecay":
+            raise UserInputError(f"{where('optimizer.type')}: only AdamWeightDecay is supported, "
+                                 f"got {optimizer.get('type')!r}")
+        wrapper = dict(config.get("runner_wrapper") or {})
+        scale_sense = wrapper.get("scale_sense", {})
+        if isinstance(scale_sense, (int, float)) and not isinstance(scale_sense, bool):
+            scale_sense = {"loss_scale_value": scale_sense, "scale_factor": 1.0}  # fixed scale
+        elif dict(scale_sense).get("type") == "FixedLossScaleUpdateCell":
+            scale_sense = {"loss_scale_value": scale_sense.get("loss_scale_value", 1.0),
+                           "scale_factor": 1.0}
+        wrapper["scale_sense"] = dict(scale_sense)
+        monitors = [c for c in config.get("callbacks") or [] if c.get("type") == "CheckpointMonitor"]
+        sections = {**config, "optimizer": optimizer, "runner_wrapper": wrapper,
+                    "callbacks": {"CheckpointMonitor": monitors[0] if monitors else {}}}
+
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {}
+        for path, name in cls.YAML_FIELDS:
+            node = sections
+            for key in path.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                continue
+            if not check_value(node, hints[name]):
+                hint = "; write floats with a dot, like 1.0e-8" if isinstance(node, str) else ""
+                raise UserInputError(f"{where(path)}: expected {type_name(hints[name])}, got "
+                                     f"{node!r} ({type(node).__name__}){hint}")
+            values[name] = float(node) if hints[name] is float else node
+        lr_schedule = config.get("lr_schedule")
+        if lr_schedule:
+            values["lr_schedule"] = dict(lr_schedule)
+        values.update(overrides)
+        return cls(**values)
+
+
+class _Float32Loss(nn.Cell):
+    """The network with its loss cast to float32, so a scale of 65536 fits the backward seed."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, *inputs):
+        return ops.cast(self.network(*inputs), ms.float32)
+
+
+class TrainStep(nn.Cell):
+    """loss, overflow, loss_finite, lr = step(loss_scale, *inputs); see the module docstring."""
+
+    def __init__(self, network, optimizer, lr_schedule, max_grad_norm=None, reducer=None,
+                 flags_all_reduce=None):
+        super().__init__(auto_prefix=False)
+        self.network = _Float32Loss(network)
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.lr_schedule = lr_schedule
+        self.clip = max_grad_norm is not None
+        self.max_grad_norm = float(max_grad_norm or 1.0)
+        self.reduce = reducer is not None
+        self.reducer = reducer
+        self.flags_all_reduce = flags_all_reduce
+
+    def construct(self, loss_scale, *inputs):
+        loss = self.network(*inputs)
+        grads = self.grad(self.network, self.weights)(*inputs, ops.ones_like(loss) * loss_scale)
+        grads = tuple(ops.cast(ops.cast(g, ms.float32) / loss_scale, g.dtype) for g in grads)
+        if self.reduce:
+            grads = self.reducer(grads)
+        grads_finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
+        flags = ops.stack([ops.logical_not(grads_finite), ops.logical_not(ops.isfinite(loss))])
+        flags = ops.cast(flags, ms.float32)
+        if self.reduce:  # every rank must take the same decision
+            flags = self.flags_all_reduce(flags)
+        overflow = flags.sum() > 0
+        loss_finite = flags[1] == 0
+        if self.clip:
+            norm = ops.sqrt(ops.stack([ops.square(ops.cast(g, ms.float32)).sum() for g in grads]).sum())
+            factor = self.max_grad_norm / ops.maximum(norm, self.max_grad_norm)
+            grads = tuple(ops.cast(g * factor, g.dtype) for g in grads)
+        lr = self.lr_schedule(self.optimizer.global_step)
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        return loss, overflow, loss_finite, lr
+
+
+def build_lr_schedule(section, total_steps):
+    """The YAML `lr_schedule` as a LearningRateSchedule; `total_steps: -1` becomes `total_steps`."""
+    kwargs = dict(section)
+    kind = kwargs.pop("type", "AnnealingLR")
+    if kwargs.get("total_steps", -1) in (-1, None):
+        kwargs["total_steps"] = total_steps
+    if kind == "AnnealingLR":
+        try:
+            return AnnealingLR(**kwargs)
+        except TypeError as err:
+            raise UserInputError(f"lr_schedule: {err}") from err
+    return build_registered(MindFormerModuleType.LR, kind, **kwargs)
+
+
+def parameter_groups(params, weight_decay, lr_schedule, layer_scale=False, layer_decay=1.0,
+                     num_layers=None):
+    """Optimizer groups: MindFormers' rule puts 1-D parameters and names ending in `.bias`
+    (biases, LayerNorm) in a group without weight decay; with `layer_scale` each layer gets
+    its own group with lr * layer_lr_scale (see research/common/lr_schedule.py)."""
+    if layer_scale and num_layers is None:
+        num_layers = 1 + max([layer_index(p.name) or 0 for p in params], default=0)
+    groups = {}
+    for param in params:
+        decay = len(param.shape) > 1 and not param.name.endswith(".bias")
+        scale = layer_lr_scale(param.name, layer_decay, num_layers) if layer_scale else 1.0
+        if (decay, scale) not in groups:
+            group = {"params": [], "weight_decay": weight_decay if decay else 0.0}
+            if layer_scale:
+                group["lr"] = LayerScaledLR(lr_schedule, scale)
+            groups[(decay, scale)] = group
+        groups[(decay, scale)]["params"].append(param)
+    return list(groups.values())
+
+
+def rank_batch_indices(order, position, batch_size, context):
+    """Sample indices of this rank's share of global batch `position` of an epoch's order."""
+    start = (position * context.world_size + context.rank) * batch_size
+    return order[start:start + batch_size]
+
+
+class TrainProgress(Progress):
+    """`Progress` whose line shows the loss, lr, loss scale and samples per second."""
+
+    def __init__(self, total, start, global_batch, stream=None):
+        super().__init__(total, "train", "steps", stream)
+        self.count = start
+        self.start = start
+        self.global_batch = global_batch
+        self.metrics = ""
+
+    def line(self):
+        elapsed = time.monotonic() - self._start
+        samples = (self.count - self.start) * self.global_batch / elapsed if elapsed > 0 else 0.0
+        return (f"train: {self.count}/{self.total} steps{self.metrics}, "
+                f"{samples:.1f} samples/s, {elapsed:.1f} s")
+
+
+def _write_csv(path, rows):
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp_path, path)
+
+
+def _read_csv(path, up_to_step):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    types = {"step": int, "epoch": int, "skipped": int}
+    rows = [{k: types.get(k, float)(row[k]) for k in COLUMNS} for row in rows]
+    return [row for row in rows if row["step"] <= up_to_step]
+
+
+class Trainer:
+    """Train `trainable_params` of `network` (everything else stays bit-identical)."""
+
+    def __init__(self, network, trainable_params, args, output_dir=None, parallel_context=None,
+                 stream=None):
+        self.args = args if isinstance(args, TrainingArguments) else TrainingArguments.from_yaml(args)
+        self.network = network
+        self.params = list(trainable_params)
+        names = [p.name for p in self.params]
+        if not self.params or len(set(names)) != len(names):
+            raise UserInputError(f"trainable parameters must be a non-empty list of distinct "
+                                 f"parameters, got {names}")
+        frozen = [p.name for p in self.params if not p.requires_grad]
+        if frozen:
+            raise UserInputError(f"parameters marked requires_grad=False cannot be trained: {frozen}")
+        self.output_dir = output_dir or self.args.output_dir
+        self.context = parallel_context or ParallelContext()
+        self.stream = stream
+        self.optimizer = self.lr_schedule = self.step_cell = None
+        self.history = []
+
+    # ---------------------------------------------------------------- building
+    def _build(self, total_steps):
+        args = self.args
+        self.lr_schedule = build_lr_schedule(args.lr_schedule, total_steps)
+        groups = parameter_groups(self.params, args.weight_decay, self.lr_schedule,
+                                  args.layer_scale, args.layer_decay, args.num_layers)
+        self.optimizer = nn.AdamWeightDecay(groups, learning_rate=self.lr_schedule,
+                                            beta1=args.beta1, beta2=args.beta2, eps=args.eps)
+        reducer = gradient_reducer(self.optimizer.parameters, self.context)
+        flags_all_reduce = ops.AllReduce() if reducer is not None else None
+        self.step_cell = TrainStep(self.network, self.optimizer, self.lr_schedule,
+                                   args.max_grad_norm if args.use_clip_grad else None,
+                                   reducer, flags_all_reduce)
+        self.step_cell.set_train(True)
+
+    # ---------------------------------------------------------------- paths
+    def _checkpoint_dir(self, kind):
+        return os.path.join(self.output_dir, kind, f"rank_{self.context.rank}")
+
+    def _checkpoints(self, directory):
+        """[(step, path)] of this rank's checkpoints in `directory`, oldest first."""
+        pattern = re.compile(rf"{re.escape(self.args.prefix)}_rank_{self.context.rank}-(\d+)\.ckpt$")
+        found = []
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            match = pattern.match(name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(directory, name)))
+        return sorted(found)
+
+    # ---------------------------------------------------------------- state
+    def _save(self, state):
+        args, rank = self.args, self.context.rank
+        name = f"{args.prefix}_rank_{rank}-{state['step']}.ckpt"
+        trainable = {p.name: p.asnumpy() for p in self.params}
+        full = dict(trainable)
+        for param in (*self.optimizer.moments1, *self.optimizer.moments2, self.optimizer.global_step):
+            full[param.name] = param.asnumpy()
+        for key in _STATE_KEYS:
+            full[f"trainer.{key}"] = np.array(state[key], np.float64 if key == "loss_scale" else np.int64)
+        for kind, params in (("checkpoint_trainable", trainable), ("checkpoint", full)):
+            directory = self._checkpoint_dir(kind)
+            save_checkpoint_atomic(params, os.path.join(directory, name))
+            for _, old in self._checkpoints(directory)[:-max(args.keep_checkpoint_max, 1)]:
+                os.remove(old)
+        self._write_logs()
+
+    def _write_logs(self):
+        if not self.context.is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        _write_csv(os.path.join(self.output_dir, "loss.csv"), self.history)
+        applied = [row for row in self.history if not row["skipped"]]
+        write_loss_png(os.path.join(self.output_dir, "loss.png"),
+                       [row["step"] for row in applied], [row["loss"] for row in applied])
+
+    def _restore(self, resume, global_batch):
+        """Load a training-state checkpoint (a file, a directory, or True for the latest)."""
+        path = self._checkpoint_dir("checkpoint") if resume is True else str(resume)
+        if os.path.isdir(path):
+            found = self._checkpoints(path)
+            if not found:
+                raise UserInputError(f"nothing to resume from: no {self.args.prefix}_rank_"
+                                     f"{self.context.rank}-<step>.ckpt in {path}")
+            path = found[-1][1]
+        saved = read_checkpoint(path, "training-state checkpoint")
+        targets = (*self.params, *self.optimizer.moments1, *self.optimizer.moments2,
+                   self.optimizer.global_step)
+        needed = [p.name for p in targets] + [f"trainer.{key}" for key in _STATE_KEYS]
+        missing = [name for name in needed if name not in saved]
+        if missing:
+            raise UserInputError(f"{path} is not a training state for these parameters "
+                                 f"(a checkpoint_trainable file?); missing: {missing[:10]}")
+        for param in targets:
+            value = saved[param.name]
+            if value.size != int(np.prod(param.shape)):
+                raise UserInputError(f"{path}: {param.name} has shape {value.shape}, the model "
+                                     f"{tuple(param.shape)}")
+            param.set_data(ms.Tensor(value.reshape(param.shape), param.dtype))
+        state = {key: saved[f"trainer.{key}"].item() for key in _STATE_KEYS}
+        state["loss_scale"] = float(state["loss_scale"])
+        if state["global_batch"] != global_batch:
+            raise UserInputError(f"{path} was written with a global batch of "
+                                 f"{state['global_batch']} samples, this run uses {global_batch}; "
+                                 f"resume with the same batch_size and number of processes")
+        return state
+
+    # ---------------------------------------------------------------- training
+    def train(self, dataset, resume=None):
+        """Train; returns the loss history (one dict per step with the COLUMNS)."""
+        args, context = self.args, self.context
+        columns = list(dataset.columns)
+        global_batch = args.batch_size * context.world_size
+        steps_per_epoch = len(dataset) // global_batch
+        if steps_per_epoch == 0:
+            raise UserInputError(f"the dataset has {len(dataset)} samples, fewer than one global "
+                                 f"batch of {global_batch} (batch_size {args.batch_size} x "
+                                 f"{context.world_size} processes)")
+        total_steps = args.lr_schedule.get("total_steps", -1)
+        if total_steps in (-1, None):
+            total_steps = args.epochs * steps_per_epoch
+        if self.step_cell is None:
+            self._build(total_steps)
+
+        state = dict(step=0, epoch=0, position=0, loss_scale=float(args.loss_scale_value),
+                     good_steps=0, bad_steps=0, global_batch=global_batch)
+        self.history, saved_step = [], None
+        if resume:
+            state = self._restore(resume, global_batch)
+            self.history = _read_csv(os.path.join(self.output_dir, "loss.csv"), state["step"])
+            saved_step = state["step"]
+        order_epoch, order = None, None
+        progress = TrainProgress(total_steps, state["step"], global_batch, self.stream)
+        with progress:
+            while state["step"] < total_steps:
+                if state["position"] >= steps_per_epoch:
+                    state["epoch"], state["position"] = state["epoch"] + 1, 0
+                if order_epoch != state["epoch"]:
+                    order_epoch, order = state["epoch"], self._order(dataset, state["epoch"])
+                indices = rank_batch_indices(order, state["position"], args.batch_size, context)
+                samples = [dataset[int(i)] for i in indices]
+                inputs = [ms.Tensor(np.stack([s[c] for s in samples])) for c in columns]
+                start = time.perf_counter()
+                loss, overflow, loss_finite, lr = self.step_cell(
+                    ms.Tensor(state["loss_scale"], ms.float32), *inputs)
+                loss, overflow, loss_finite = float(loss.asnumpy()), bool(overflow), bool(loss_finite)
+                state["step"] += 1
+                state["position"] += 1
+                self.history.append(dict(
+                    step=state["step"], epoch=state["epoch"], loss=loss,
+                    lr=float(lr.asnumpy().reshape(-1)[0]), loss_scale=state["loss_scale"],
+                    skipped=int(overflow), seconds=round(time.perf_counter() - start, 6)))
+                self._update_loss_scale(state, overflow, loss_finite)
+                progress.metrics = (f", loss {loss:.4g}, lr {self.history[-1]['lr']:.3g}, "
+                                    f"scale {state['loss_scale']:g}")
+                progress.update()
+                if state["bad_steps"] >= args.nan_patience:
+                    self._write_logs()
+                    raise TrainingDivergedError(self._diverged_message(state, loss_finite))
+                if args.save_checkpoint_steps and state["step"] % args.save_checkpoint_steps == 0:
+                    self._save(state)
+                    saved_step = state["step"]
+        if saved_step != state["step"]:
+            self._save(state)
+        return self.history
+
+    @staticmethod
+    def _order(dataset, epoch):
+        order = dataset.order(epoch) if hasattr(dataset, "order") else range(len(dataset))
+        return np.asarray(list(order), dtype=np.int64)
+
+    def _update_loss_scale(self, state, overflow, loss_finite):
+        """DynamicLossScaleUpdateCell's rule, and the count of steps scaling cannot fix."""
+        args = self.args
+        if overflow:
+            at_minimum = args.scale_factor <= 1 or state["loss_scale"] <= 1
+            state["bad_steps"] = state["bad_steps"] + 1 if (not loss_finite or at_minimum) else 0
+            state["loss_scale"] = max(state["loss_scale"] / args.scale_factor, 1.0)
+            state["good_steps"] = 0
+            return
+        state["bad_steps"] = 0
+        state["good_steps"] += 1
+        if args.scale_window > 0 and state["good_steps"] >= args.scale_window:
+            state["loss_scale"] *= args.scale_factor
+            state["good_steps"] = 0
+
+    def _diverged_message(self, state, loss_finite):
+        reason = ("the loss was not finite" if not loss_finite else
+                  "the gradients overflowed with the loss scale at its minimum")
+        latest = self._checkpoints(self._checkpoint_dir("checkpoint"))
+        hint = f"; the last good state is {latest[-1][1]}" if latest else ""
+        return (f"training stopped at step {state['step']} (epoch {state['epoch']}): {reason} "
+                f"on {state['bad_steps']} consecutive steps, which loss scaling cannot fix. "
+                f"The losses so far are in {os.path.join(self.output_dir, 'loss.csv')}{hint}. "
+                f"Lower the learning rate or check the data.")
