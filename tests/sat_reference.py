@@ -5,14 +5,22 @@ and the GLM paths tested here never call it, so a stand-in module is registered 
 """
 import argparse
 import os
+import socket
 import sys
 import types
 
 
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def _prepare_sat_import():
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29531").items():
+    """SAT sets up a one-process torch.distributed group: give it a free port."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", _free_port())
     name = "sat.model.position_embedding.triton_rotary"
     if name not in sys.modules:
         stub = types.ModuleType(name)

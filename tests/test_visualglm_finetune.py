@@ -97,7 +97,12 @@ def test_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp_pat
                             **common, **{"runner_config.batch_size": 2, "use_parallel": True,
                                          "parallel_config.data_parallel": 2})
     command = f"{sys.executable} -m research.visualglm.run_visualglm_finetune --config {parallel}"
-    env = {**os.environ, "RUN_LOG_DIR": str(tmp_path / "logs")}
+    # a clean launcher environment: other tests (SAT's torch.distributed) set these in-process
+    launch_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK_ID",
+                   "RANK_SIZE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_ROLE")
+    env = {key: value for key, value in os.environ.items() if key not in launch_vars}
+    env["RUN_LOG_DIR"] = str(tmp_path / "logs")
+    env["CLUSTER_TIME_OUT"] = "120"
     result = subprocess.run(["bash", "research/run_singlenode.sh", command,
                              str(tmp_path / "unused_rank_table.json"), "[0,2)", "2"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
