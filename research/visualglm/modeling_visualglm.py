@@ -55,6 +55,27 @@ def splice_image_embeddings(text_embeds, image_embeds, image_mask):
     return ops.select(keep_image, gathered, text_embeds)
 
 
+def splice_prompt_embeddings(prompts, pre_image_lengths, image_embeds, embed_tokens, pad_token_id):
+    """numpy [B,P,H]: the prompts left-padded to the longest, embedded with `embed_tokens`
+    (ids [B,P] -> [B,P,H]), and each row's image embeddings [N,H] written over its N
+    placeholders, which start at pre_image_lengths[row] in the unpadded prompt."""
+    batch, prompt_length = len(prompts), max(len(p) for p in prompts)
+    image_length = image_embeds.shape[1]
+    ids = np.full((batch, prompt_length), pad_token_id, np.int32)
+    image_mask = np.zeros((batch, prompt_length), bool)
+    for row, (prompt, pre_image) in enumerate(zip(prompts, pre_image_lengths)):
+        pad = prompt_length - len(prompt)
+        if pre_image + image_length > len(prompt):
+            raise UserInputError(
+                f"prompt {row} has {len(prompt)} ids; the image span "
+                f"{pre_image}..{pre_image + image_length} does not fit in it")
+        ids[row, pad:] = prompt
+        image_mask[row, pad + pre_image:pad + pre_image + image_length] = True
+    embeds = np.array(embed_tokens(ids))
+    embeds[image_mask] = image_embeds.reshape(-1, image_embeds.shape[-1]).astype(embeds.dtype)
+    return embeds
+
+
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class VisualGLMImageToTextGeneration(nn.Cell):
     """VisualGLM-6B for image-grounded chat.
@@ -117,25 +138,11 @@ class VisualGLMImageToTextGeneration(nn.Cell):
         return self.image_encoder(Tensor(pixel_values, ms.float32)).asnumpy()
 
     def prompt_embeddings(self, prompts, pre_image_lengths, image_embeds):
-        """Left-padded prompt embeddings [B,P,H] with each row's image spliced in after `<img>`.
-
-        prompts: id lists holding `image_length` placeholders at pre_image_lengths[row].
-        """
-        batch, prompt_length = len(prompts), max(len(p) for p in prompts)
-        image_length = self.config.image_length
-        ids = np.full((batch, prompt_length), self.config.text_config.pad_token_id, np.int32)
-        image_mask = np.zeros((batch, prompt_length), bool)
-        for row, (prompt, pre_image) in enumerate(zip(prompts, pre_image_lengths)):
-            pad = prompt_length - len(prompt)
-            if pre_image + image_length > len(prompt):
-                raise UserInputError(
-                    f"prompt {row} has {len(prompt)} ids; the image span "
-                    f"{pre_image}..{pre_image + image_length} does not fit in it")
-            ids[row, pad:] = prompt
-            image_mask[row, pad + pre_image:pad + pre_image + image_length] = True
-        embeds = self.llm_model.embed_tokens(Tensor(ids)).asnumpy()
-        embeds[image_mask] = image_embeds.reshape(-1, image_embeds.shape[-1]).astype(embeds.dtype)
-        return embeds
+        """Left-padded prompt embeddings [B,P,H] with each row's image spliced in after `<img>`."""
+        return splice_prompt_embeddings(
+            prompts, pre_image_lengths, image_embeds,
+            lambda ids: self.llm_model.embed_tokens(Tensor(ids)).asnumpy(),
+            self.config.text_config.pad_token_id)
 
     def generate(self, prompts, pre_image_lengths, pixel_values, settings: GenerationConfig,
                  on_tokens=None):
