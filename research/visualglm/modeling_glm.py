@@ -11,19 +11,24 @@ What makes GLM-6B different from a GPT (DESIGN.md §4):
 - fused query_key_value laid out contiguously as [Q | K | V] (SAT's layout; the HF
   per-head layout is permuted by the weight converter).
 
-The KV cache is functional: `key_cache`/`value_cache` [layers, batch, heads, seq_length,
-head_dim] go in and come out, every shape is static, so GRAPH mode compiles the prefill and
-the one-token decode step once each, and both export to MindIR unchanged.
+The KV cache has two forms that share one code path (`write_cache`):
+- in place, for generation: `GLMWithKVCache` owns one [batch, heads, length, head_dim]
+  Parameter per layer; the prompt and then each new token are scattered into it and never
+  copied, so a decode step reads the weights and the cache once (see benchmarks/visualglm_perf.py);
+- functional, for the exported MindIR graphs: `key_cache`/`value_cache` [layers, batch, heads,
+  seq_length, head_dim] go in and come out as graph inputs/outputs.
+Every shape is static, so GRAPH mode compiles each prompt bucket and the decode step once.
 """
 import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.errors import UserInputError
-from research.common.layers import LayerNormFP32, ms_dtype
+from research.common.generation import next_power_of_two
+from research.common.layers import LayerNormFP32, SkinnyDense, ms_dtype
 from research.visualglm.configuration_glm import GLMConfig
 
 MASKED_SCORE = -10000.0
@@ -51,12 +56,14 @@ class GLMAttention(nn.Cell):
         self.head_dim = config.head_dim
         inner = self.num_heads * self.head_dim
         param_dtype = ms_dtype(config.param_init_type)
-        self.query_key_value = nn.Dense(config.hidden_size, 3 * inner, dtype=param_dtype)
-        self.dense = nn.Dense(inner, config.hidden_size, dtype=param_dtype)
+        self.query_key_value = SkinnyDense(config.hidden_size, 3 * inner, dtype=param_dtype)
+        self.dense = SkinnyDense(inner, config.hidden_size, dtype=param_dtype)
         self.coeff = float(layer_id + 1)
         self.norm_factor = math.sqrt(self.head_dim) * self.coeff
         self.compute_dtype = ms_dtype(config.compute_dtype)
         self.softmax_dtype = ms_dtype(config.softmax_compute_type)
+        # q @ k^T without materialising k^T (a transpose of the whole cache per step)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
 
     def _split_heads(self, x):
         batch, length, _ = x.shape
@@ -66,7 +73,8 @@ class GLMAttention(nn.Cell):
         """hidden [B,S,H]; rope = (cos, sin, block_cos, block_sin) [B,S,1,d/2]; mask [B,1,S,T].
 
         Without a cache T == S and the new keys/values are returned as the cache. With a cache
-        (decode, S == 1) the new key/value is written at slot `cache_index` of the cache first.
+        of T slots the S new keys/values are first written at slots cache_index.. of it
+        (in place when it is a Parameter) and the queries attend over all T slots.
         """
         qkv = self.query_key_value(hidden)
         query, key, value = ops.chunk(qkv, 3, axis=-1)
@@ -82,11 +90,10 @@ class GLMAttention(nn.Cell):
         key = key.transpose(0, 2, 1, 3)
         value = value.transpose(0, 2, 1, 3)
         if key_cache is not None:
-            slot = (ops.arange(key_cache.shape[2]) == cache_index).reshape(1, 1, -1, 1)
-            key = ops.select(slot, ops.broadcast_to(key, key_cache.shape), key_cache)
-            value = ops.select(slot, ops.broadcast_to(value, value_cache.shape), value_cache)
+            key = write_cache(key_cache, key, cache_index)
+            value = write_cache(value_cache, value, cache_index)
 
-        scores = ops.matmul(query / self.norm_factor, key.swapaxes(-1, -2))
+        scores = self.scores_matmul(query / self.norm_factor, key)
         scores = scores.astype(self.softmax_dtype) * self.coeff
         scores = ops.select(mask > 0, scores, ops.full_like(scores, MASKED_SCORE))
         probs = ops.softmax(scores, axis=-1).astype(value.dtype)
@@ -96,14 +103,28 @@ class GLMAttention(nn.Cell):
         return output, key, value
 
 
+def write_cache(cache, new, cache_index):
+    """Write new [B,heads,S,d] at slots cache_index..cache_index+S-1 of cache [B,heads,T,d].
+
+    A Parameter cache is updated in place (ScatterNdUpdate: only S slots are written); a
+    tensor cache (the exported graphs) gets a new tensor. Returns the cache after the write."""
+    batch, heads, length, _ = new.shape
+    slots = ops.arange(length, dtype=ms.int32) + cache_index
+    indices = ops.stack(ops.meshgrid(ops.arange(batch, dtype=ms.int32),
+                                     ops.arange(heads, dtype=ms.int32), slots, indexing="ij"), axis=-1)
+    if isinstance(cache, Parameter):
+        return ops.scatter_nd_update(cache, indices, new)
+    return ops.tensor_scatter_update(cache, indices, new)
+
+
 class GLMMLP(nn.Cell):
     """dense_h_to_4h -> GELU (tanh approximation) -> dense_4h_to_h."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
         param_dtype = ms_dtype(config.param_init_type)
-        self.dense_h_to_4h = nn.Dense(config.hidden_size, config.inner_hidden_size, dtype=param_dtype)
-        self.dense_4h_to_h = nn.Dense(config.inner_hidden_size, config.hidden_size, dtype=param_dtype)
+        self.dense_h_to_4h = SkinnyDense(config.hidden_size, config.inner_hidden_size, dtype=param_dtype)
+        self.dense_4h_to_h = SkinnyDense(config.inner_hidden_size, config.hidden_size, dtype=param_dtype)
 
     def construct(self, x):
         return self.dense_4h_to_h(ops.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -196,6 +217,7 @@ class GLMForConditionalGeneration(nn.Cell):
                                 dtype=ms_dtype(config.param_init_type))
         if config.compute_dtype != "float32":
             self.lm_head.to_float(ms_dtype(config.compute_dtype))
+        self._cached_forwards = {}  # a dict, so the caches are not parameters of this cell
 
     def embed_tokens(self, input_ids):
         """Token embeddings in the compute dtype (VisualGLM splices image embeddings into these)."""
@@ -211,6 +233,17 @@ class GLMForConditionalGeneration(nn.Cell):
         logits = self.lm_head(hidden).astype(ms.float32)
         return logits, keys, values
 
+    def cached_forward(self, batch_size, min_length):
+        """A forward with its own in-place KV cache of >= min_length slots (research.common.
+        generation uses it). Lengths are rounded up to a power of two (at most seq_length) so
+        that a few cache sizes, each compiled once, serve every request; the last one is kept."""
+        length = min(self.config.seq_length, next_power_of_two(min_length))
+        key = (batch_size, length)
+        if key not in self._cached_forwards:
+            self._cached_forwards.clear()  # free the previous cache before allocating
+            self._cached_forwards[key] = GLMWithKVCache(self, batch_size, length)
+        return self._cached_forwards[key]
+
     def generation_inputs(self, input_ids, pad_lengths):
         """2D position ids [B,2,S] and attention mask [B,1,S,S] for the whole padded sequence.
 
@@ -220,6 +253,34 @@ class GLMForConditionalGeneration(nn.Cell):
         bidirectional attention within the context, causal after it, padding never attended.
         """
         return glm_positions_and_mask(input_ids, pad_lengths, self.config)
+
+
+class GLMWithKVCache(nn.Cell):
+    """The GLM writing into its own KV cache: one Parameter [B, heads, length, head_dim] per
+    layer, never copied. construct(input_ids [B,S], position_ids [B,2,S], attention_mask
+    [B,1,S,length], inputs_embeds, cache_index, logits_index) -> logits [B,V]: the S tokens go
+    to slots cache_index.. (the prompt at 0, then one token per step)."""
+
+    def __init__(self, model: GLMForConditionalGeneration, batch_size, length):
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.length = length
+        shape = (batch_size, config.num_heads, length, config.head_dim)
+        dtype = ms_dtype(config.compute_dtype)
+
+        def caches(kind):
+            return ParameterTuple(
+                Parameter(Tensor(np.zeros(shape), dtype), name=f"{kind}_cache.{i}", requires_grad=False)
+                for i in range(config.num_layers))
+
+        self.key_cache = caches("key")
+        self.value_cache = caches("value")
+
+    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index):
+        logits, _, _ = self.model(input_ids, position_ids, attention_mask, inputs_embeds,
+                                  self.key_cache, self.value_cache, cache_index, logits_index)
+        return logits.reshape(input_ids.shape[0], -1)
 
 
 def glm_positions_and_mask(input_ids, pad_lengths, config):

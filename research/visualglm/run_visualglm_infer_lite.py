@@ -301,21 +301,47 @@ class GraphLanguageModel:
 
     def __call__(self, input_ids, position_ids, attention_mask, inputs_embeds=None, key_cache=None,
                  value_cache=None, cache_index=None, logits_index=None):
+        """The full (prefill) graph over the whole sequence: (logits, key_cache, value_cache)."""
         start = time.perf_counter()
-        if key_cache is None:
-            graph = self.graphs["full"]
-            embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            logits, key_cache, value_cache = graph(embeds.asnumpy(), position_ids.asnumpy(),
-                                                   attention_mask.asnumpy(), logits_index.asnumpy())
-        else:
-            graph = self.graphs["inc"]
-            logits, key_cache, value_cache = graph(input_ids.asnumpy(), position_ids.asnumpy(),
-                                                   attention_mask.asnumpy(), key_cache, value_cache,
-                                                   cache_index.asnumpy())
-        logits = Tensor(graph.numpy(logits))
+        graph = self.graphs["full"]
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        logits, key_cache, value_cache = graph(embeds.asnumpy(), position_ids.asnumpy(),
+                                               attention_mask.asnumpy(), logits_index.asnumpy())
         if self.prefill_seconds is None:
             self.prefill_seconds = time.perf_counter() - start
-        return logits, key_cache, value_cache
+        return Tensor(graph.numpy(logits)), key_cache, value_cache
+
+    def cached_forward(self, batch_size, min_length):
+        return GraphKVCacheForward(self)
+
+
+class GraphKVCacheForward:
+    """The cached-forward interface over the graphs: the prompt goes through the full graph,
+    padded on the right to its static length (the padded slots are overwritten by the decode
+    steps before they are attended), each new token through the inc graph, which takes the
+    KV cache in and gives the updated one back."""
+
+    def __init__(self, language_model):
+        self.language_model = language_model
+        self.length = language_model.config.seq_length
+        self.key_cache = self.value_cache = None
+
+    def __call__(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index):
+        if logits_index is not None:
+            pad = self.length - input_ids.shape[1]
+            embeds = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            embeds = np.pad(embeds.asnumpy(), ((0, 0), (0, pad), (0, 0)))
+            position_ids = np.pad(position_ids.asnumpy(), ((0, 0), (0, 0), (0, pad)))
+            attention_mask = np.pad(attention_mask.asnumpy(), ((0, 0), (0, 0), (0, pad), (0, 0)))
+            logits, self.key_cache, self.value_cache = self.language_model(
+                None, Tensor(position_ids), Tensor(attention_mask), Tensor(embeds),
+                logits_index=logits_index)
+            return logits
+        graph = self.language_model.graphs["inc"]
+        logits, self.key_cache, self.value_cache = graph(
+            input_ids.asnumpy(), position_ids.asnumpy(), attention_mask.asnumpy(),
+            self.key_cache, self.value_cache, cache_index.asnumpy())
+        return Tensor(graph.numpy(logits).reshape(input_ids.shape[0], -1))
 
 
 class LiteVisualGLM:
