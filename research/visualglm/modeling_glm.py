@@ -195,6 +195,8 @@ class GLMModel(nn.Cell):
                                            key_cache[i], value_cache[i], cache_index)
             keys += (key,)
             values += (value,)
+        if isinstance(key_cache, tuple):  # GLMWithKVCache's Parameters, already written in place
+            return self.final_layernorm(hidden), None, None
         return self.final_layernorm(hidden), ops.stack(keys), ops.stack(values)
 
 
@@ -278,9 +280,9 @@ class GLMWithKVCache(nn.Cell):
         self.value_cache = caches("value")
 
     def construct(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index):
-        logits, _, _ = self.model(input_ids, position_ids, attention_mask, inputs_embeds,
-                                  self.key_cache, self.value_cache, cache_index, logits_index)
-        return logits.reshape(input_ids.shape[0], -1)
+        outputs = self.model(input_ids, position_ids, attention_mask, inputs_embeds,
+                             self.key_cache, self.value_cache, cache_index, logits_index)
+        return outputs[0].reshape(input_ids.shape[0], -1)
 
 
 def glm_positions_and_mask(input_ids, pad_lengths, config):
