@@ -130,7 +130,8 @@ def test_hccl_tools_missing_conf_and_missing_device(tmp_path, hccn_conf):
 
 
 @pytest.mark.skipif(shutil.which("hccn_tool") is not None or os.path.exists("/etc/hccn.conf"),
-                    reason="this host has Ascend device information")
+                    reason="this host has Ascend device IPs (hccn_tool or /etc/hccn.conf), so "
+                           "hccl_tools finds them and the missing-information error cannot occur")
 def test_hccl_tools_without_device_information(tmp_path):
     result = hccl_tools("--device_num", "[0,8)", cwd=tmp_path)
     assert result.returncode == 2

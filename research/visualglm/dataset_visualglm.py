@@ -158,6 +158,13 @@ def build_training_sample(processor, image, prompt, label, max_source_length, ma
 
 # ---- loaders -----------------------------------------------------------------------------------
 
+def _reject_unknown_fields(loader, fields, ignored, known):
+    """data_loader YAML fields a loader does not take: `ignored` ones are dropped, others refused."""
+    unknown = sorted(set(fields) - set(ignored))
+    if unknown:
+        raise UserInputError(f"{loader} got unknown data_loader fields {unknown}; known: {known}")
+
+
 def _bool(name, value):
     if not isinstance(value, bool):
         raise UserInputError(f"data_loader.{name} must be True or False, got {value!r}")
@@ -292,11 +299,9 @@ class VisualGLMDataLoader(_SampleLoader):
     def __init__(self, dataset_dir, processor=None, max_source_length=64, max_target_length=256,
                  text_config=None, shuffle=False, column_names=FEWSHOT_FIELDS, file_format="json",
                  random_mapping=False, scale=1, seed=0, english=False, **kwargs):
-        kwargs.pop("type", None)
-        if kwargs:
-            raise UserInputError(f"VisualGLMDataLoader got unknown data_loader fields {sorted(kwargs)}; "
-                                 f"known: type, dataset_dir, shuffle, column_names, file_format, "
-                                 f"random_mapping, scale")
+        _reject_unknown_fields("VisualGLMDataLoader", kwargs, ignored=("type",),
+                               known="type, dataset_dir, shuffle, column_names, file_format, "
+                                     "random_mapping, scale")
         super().__init__(processor, max_source_length, max_target_length, text_config, shuffle, seed,
                          random_mapping, scale, english)
         if file_format not in (None, "json"):
@@ -375,12 +380,10 @@ class CocoCaptionsDataLoader(_SampleLoader):
     def __init__(self, dataset_dir, processor=None, max_source_length=64, max_target_length=256,
                  text_config=None, shuffle=False, split="train2017", prompt=COCO_DEFAULT_PROMPT,
                  english=True, random_mapping=False, scale=1, seed=0, max_samples=None, **kwargs):
-        for ignored in ("type", "column_names", "file_format"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise UserInputError(f"CocoCaptionsDataLoader got unknown data_loader fields {sorted(kwargs)}; "
-                                 f"known: type, dataset_dir, split, prompt, english, shuffle, "
-                                 f"random_mapping, scale, max_samples")
+        _reject_unknown_fields("CocoCaptionsDataLoader", kwargs,
+                               ignored=("type", "column_names", "file_format"),
+                               known="type, dataset_dir, split, prompt, english, shuffle, "
+                                     "random_mapping, scale, max_samples")
         super().__init__(processor, max_source_length, max_target_length, text_config, shuffle, seed,
                          random_mapping, scale, english)
         if not isinstance(prompt, str) or not prompt or _special_text(prompt):

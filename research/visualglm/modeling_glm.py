@@ -69,12 +69,13 @@ class GLMAttention(nn.Cell):
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.num_heads, self.head_dim)
 
-    def construct(self, hidden, rope, mask, key_cache=None, value_cache=None, cache_index=None):
-        """hidden [B,S,H]; rope = (cos, sin, block_cos, block_sin) [B,S,1,d/2]; mask [B,1,S,T].
+    def construct(self, hidden, rope, attend, key_cache=None, value_cache=None, cache_slots=None):
+        """hidden [B,S,H]; rope = (cos, sin, block_cos, block_sin) [B,S,1,d/2]; attend [B,1,S,T] bool.
 
         Without a cache T == S and the new keys/values are returned as the cache. With a cache
-        of T slots the S new keys/values are first written at slots cache_index.. of it
-        (in place when it is a Parameter) and the queries attend over all T slots.
+        of T slots the S new keys/values are first written at `cache_slots` (see
+        cache_slot_indices; in place when the cache is a Parameter) and the queries attend over
+        all T slots.
         """
         qkv = self.query_key_value(hidden)
         query, key, value = ops.chunk(qkv, 3, axis=-1)
@@ -90,12 +91,12 @@ class GLMAttention(nn.Cell):
         key = key.transpose(0, 2, 1, 3)
         value = value.transpose(0, 2, 1, 3)
         if key_cache is not None:
-            key = write_cache(key_cache, key, cache_index)
-            value = write_cache(value_cache, value, cache_index)
+            key = write_cache(key_cache, key, cache_slots)
+            value = write_cache(value_cache, value, cache_slots)
 
         scores = self.scores_matmul(query / self.norm_factor, key)
         scores = scores.astype(self.softmax_dtype) * self.coeff
-        scores = ops.select(mask > 0, scores, ops.full_like(scores, MASKED_SCORE))
+        scores = ops.select(attend, scores, ops.full_like(scores, MASKED_SCORE))
         probs = ops.softmax(scores, axis=-1).astype(value.dtype)
         context = ops.matmul(probs, value).transpose(0, 2, 1, 3)
         batch, length = context.shape[0], context.shape[1]
@@ -103,18 +104,21 @@ class GLMAttention(nn.Cell):
         return output, key, value
 
 
-def write_cache(cache, new, cache_index):
-    """Write new [B,heads,S,d] at slots cache_index..cache_index+S-1 of cache [B,heads,T,d].
+def cache_slot_indices(batch, heads, length, cache_index):
+    """Scatter indices [B,heads,S,3] of slots cache_index..cache_index+S-1 (built once per forward)."""
+    slots = ops.arange(length, dtype=ms.int32) + cache_index
+    return ops.stack(ops.meshgrid(ops.arange(batch, dtype=ms.int32),
+                                  ops.arange(heads, dtype=ms.int32), slots, indexing="ij"), axis=-1)
+
+
+def write_cache(cache, new, cache_slots):
+    """Write new [B,heads,S,d] into cache [B,heads,T,d] at `cache_slots`.
 
     A Parameter cache is updated in place (ScatterNdUpdate: only S slots are written); a
     tensor cache (the exported graphs) gets a new tensor. Returns the cache after the write."""
-    batch, heads, length, _ = new.shape
-    slots = ops.arange(length, dtype=ms.int32) + cache_index
-    indices = ops.stack(ops.meshgrid(ops.arange(batch, dtype=ms.int32),
-                                     ops.arange(heads, dtype=ms.int32), slots, indexing="ij"), axis=-1)
     if isinstance(cache, Parameter):
-        return ops.scatter_nd_update(cache, indices, new)
-    return ops.tensor_scatter_update(cache, indices, new)
+        return ops.scatter_nd_update(cache, cache_slots, new)
+    return ops.tensor_scatter_update(cache, cache_slots, new)
 
 
 class GLMMLP(nn.Cell):
@@ -142,10 +146,10 @@ class GLMBlock(nn.Cell):
         self.mlp = GLMMLP(config)
         self.alpha = math.sqrt(2 * config.num_layers)
 
-    def construct(self, hidden, rope, mask, key_cache=None, value_cache=None, cache_index=None):
+    def construct(self, hidden, rope, attend, key_cache=None, value_cache=None, cache_slots=None):
         attention_input = self.input_layernorm(hidden)
         attention_output, key, value = self.attention(
-            attention_input, rope, mask, key_cache, value_cache, cache_index)
+            attention_input, rope, attend, key_cache, value_cache, cache_slots)
         hidden = attention_input * self.alpha + attention_output
         mlp_input = self.post_attention_layernorm(hidden)
         return mlp_input * self.alpha + self.mlp(mlp_input), key, value
@@ -186,13 +190,17 @@ class GLMModel(nn.Cell):
         cos, sin = self._rope(position_ids[:, 0])
         block_cos, block_sin = self._rope(position_ids[:, 1])
         rope = (cos, sin, block_cos, block_sin)
+        attend = attention_mask > 0
         keys, values = (), ()
+        cache_slots = None
+        if key_cache is not None:
+            batch, length = hidden.shape[0], hidden.shape[1]
+            cache_slots = cache_slot_indices(batch, self.config.num_heads, length, cache_index)
         for i, layer in enumerate(self.layers):
             if key_cache is None:
-                hidden, key, value = layer(hidden, rope, attention_mask)
+                hidden, key, value = layer(hidden, rope, attend)
             else:
-                hidden, key, value = layer(hidden, rope, attention_mask,
-                                           key_cache[i], value_cache[i], cache_index)
+                hidden, key, value = layer(hidden, rope, attend, key_cache[i], value_cache[i], cache_slots)
             keys += (key,)
             values += (value,)
         if isinstance(key_cache, tuple):  # GLMWithKVCache's Parameters, already written in place
