@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from research.common.config import REPO_ROOT
 from research.common.convert import save_checkpoint_atomic
-from research.visualglm import run_visualglm_infer_lite as lite
-from research.visualglm.convert_weight import LITE_CHECKPOINT, LITE_PARAMETER
-from research.visualglm.export_lite_model import export_graphs
-from research.visualglm.run_visualglm import build_visualglm, describe_weights, generation_settings
+from research.visualglm.convert_visualglm import LITE_CHECKPOINT, LITE_PARAMETER
+from research.visualglm.inference import load_visualglm
+from research.visualglm.lite_visualglm import export_visualglm_graphs, load_lite_visualglm
 
 EXAMPLE = os.path.join(REPO_ROOT, "examples", "visualglm", "shapes.png")
 EXAMPLE_PAIRS = ((EXAMPLE, "描述这张图片。"), (EXAMPLE, "图片里有几个形状？"))
@@ -56,10 +55,9 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
-    build_args = argparse.Namespace(config=args.config, device_id=0, seq_length=args.seq_length,
-                                    use_past=True, do_sample=None, top_k=None, top_p=None)
-    config, model, processor, loaded, device = build_visualglm(build_args)
-    print(f"# device {device}; {describe_weights(loaded)}; seq_length {args.seq_length} "
+    chat = load_visualglm(args.config, seq_length=args.seq_length, use_past=True)
+    config, model, processor = chat.config, chat.model, chat.processor
+    print(f"# device {chat.device}; {chat.describe_weights()}; seq_length {args.seq_length} "
           f"(GLM {config.text_config.seq_length}); {args.new_tokens} new tokens per row, greedy",
           file=sys.stderr)
     writer = csv.writer(sys.stdout)
@@ -70,18 +68,18 @@ def main():
         save_checkpoint_atomic({LITE_PARAMETER: model.llm_model.transformer.word_embeddings
                                 .embedding_table.asnumpy()}, lite_checkpoint)
         for batch in args.batch_sizes:
-            graphs = export_graphs(model, config, folder, batch, args.seq_length, use_past=True)
+            graphs = export_visualglm_graphs(chat, folder, batch, use_past=True)
             pairs = [EXAMPLE_PAIRS[i % len(EXAMPLE_PAIRS)] for i in range(batch)]
             inputs = processor([p[0] for p in pairs], [p[1] for p in pairs])
             room = config.text_config.seq_length - max(len(ids) for ids in inputs["input_ids"])
             if room < args.new_tokens:
                 print(f"# batch {batch}: only {room} new tokens fit after the prompt in "
                       f"GLM length {config.text_config.seq_length}; raise --seq_length", file=sys.stderr)
-            lite_model, lite_settings, runtime_line = lite.build_lite_visualglm(lite.parse_args(
-                ["--config", args.config, "--full_model_path", graphs["full"], "--inc_model_path",
-                 graphs["inc"], "--lite_checkpoint", lite_checkpoint]))
-            print(f"# batch {batch}: {runtime_line}", file=sys.stderr)
-            settings = generation_settings(config, processor.tokenizer)
+            lite_model = load_lite_visualglm(args.config, graphs["full"], inc_model_path=graphs["inc"],
+                                             lite_checkpoint=lite_checkpoint)
+            lite_settings = lite_model.generation_config()
+            print(f"# batch {batch}: {lite_model.runtime_line}", file=sys.stderr)
+            settings = chat.generation_config()
             for runner_settings in (settings, lite_settings):
                 runner_settings.eos_token_id = None  # decode exactly new_tokens per row
             reference = None

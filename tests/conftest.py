@@ -2,7 +2,7 @@
 import mindspore as ms
 import pytest
 
-from research.visualglm.tiny_tokenizer import train_tiny_ice_text_model
+from research.common.testing import train_tiny_ice_text_model
 
 
 @pytest.fixture(scope="session")

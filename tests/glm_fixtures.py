@@ -3,7 +3,7 @@ import numpy as np
 
 from research.common.checkpoint import load_params_into_net
 from research.visualglm.configuration_glm import GLMConfig
-from research.visualglm.convert_weight import convert_glm_state_dict
+from research.visualglm.convert_visualglm import convert_glm_state_dict
 from research.visualglm.modeling_glm import GLMForConditionalGeneration
 
 # Special ids placed like ice_text.model's, scaled down: [MASK] [gMASK] <sop> <eop>, pad 3.

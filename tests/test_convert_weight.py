@@ -14,6 +14,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from research.common import torch_checkpoint
 from research.common.checkpoint import read_checkpoint
 from research.common.config import REPO_ROOT
 from research.common.convert import CheckpointWriter, per_head_qkv_to_contiguous, save_checkpoint_atomic
@@ -216,7 +217,7 @@ def test_failure_while_writing_leaves_no_output_files(sat_dir, tmp_path, monkeyp
     out = tmp_path / "out"
     out.mkdir()
     save_checkpoint_atomic({"old": np.ones(2, np.float32)}, str(out / "glm.ckpt"))
-    original, calls = convert_weight._to_numpy, []
+    original, calls = torch_checkpoint._to_numpy, []
 
     def failing(value):
         calls.append(1)
@@ -224,7 +225,7 @@ def test_failure_while_writing_leaves_no_output_files(sat_dir, tmp_path, monkeyp
             raise OSError("read error")
         return original(value)
 
-    monkeypatch.setattr(convert_weight, "_to_numpy", failing)
+    monkeypatch.setattr(torch_checkpoint, "_to_numpy", failing)
     with pytest.raises(OSError, match="read error"):
         convert(sat_dir, out)
     assert os.listdir(out) == ["glm.ckpt"]
@@ -237,7 +238,7 @@ def test_converter_opens_one_shard_at_a_time_and_writes_as_it_goes(config, state
 
     write_hf_checkpoint(hf_from_sat(state_dict, config), str(tmp_path / "hf"), shards=2)
     events, mmap_flags = [], []
-    open_shard, write, torch_load = convert_weight.Shard.tensors, CheckpointWriter.write, torch.load
+    open_shard, write, torch_load = torch_checkpoint.Shard.tensors, CheckpointWriter.write, torch.load
 
     @contextlib.contextmanager
     def tracked_open(shard):
@@ -254,7 +255,7 @@ def test_converter_opens_one_shard_at_a_time_and_writes_as_it_goes(config, state
         mmap_flags.append(kwargs.get("mmap"))
         return torch_load(*args, **kwargs)
 
-    monkeypatch.setattr(convert_weight.Shard, "tensors", tracked_open)
+    monkeypatch.setattr(torch_checkpoint.Shard, "tensors", tracked_open)
     monkeypatch.setattr(CheckpointWriter, "write", tracked_write)
     monkeypatch.setattr(torch, "load", tracked_load)
     convert(tmp_path / "hf", tmp_path / "out")

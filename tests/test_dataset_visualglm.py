@@ -11,12 +11,13 @@ from PIL import Image
 
 from research.common.config import REPO_ROOT, load_config
 from research.common.errors import UserInputError
+from research.common.image_processing import BlipImageProcessor
 from research.visualglm import dataset_visualglm
 from research.visualglm.configuration_glm import GLMConfig
 from research.visualglm.dataset_visualglm import (
     COLUMNS, CocoCaptionsDataLoader, VisualGLMDataLoader, build_train_dataset, build_training_sample,
     to_generator_dataset)
-from research.visualglm.processing_visualglm import VisualGLMImageProcessor, VisualGLMProcessor
+from research.visualglm.processing_visualglm import VisualGLMProcessor
 from research.visualglm.tokenization_chatglm import ChatGLMTokenizer
 
 PAD, MASK, GMASK, SOP, EOP = 3, 4, 5, 8, 9
@@ -33,7 +34,7 @@ def tok(tiny_ice_text_model):
 
 @pytest.fixture(scope="module")
 def proc(tok):
-    return VisualGLMProcessor(VisualGLMImageProcessor(IMAGE_SIZE), tok, image_length=32)
+    return VisualGLMProcessor(BlipImageProcessor(IMAGE_SIZE), tok, image_length=32)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from research.common.errors import UserInputError
-from research.common.generation import (GenerationConfig, apply_repetition_penalty,
-                                        filter_top_k_top_p, generate)
+from research.common.generation import GenerationConfig, generate
+from research.common.sampling import apply_repetition_penalty, filter_top_k_top_p
 from research.visualglm.modeling_glm import glm_positions_and_mask
 from tests.glm_fixtures import glm_from_state_dict, prompt, random_bodies, sat_state_dict, tiny_glm_config
 from tests.sat_reference import sat_chatglm_model
@@ -109,7 +109,7 @@ def test_bad_generation_settings_are_rejected(model, config, field, value):
 
 
 def test_in_place_cache_gives_the_full_forward_logits(model, config):
-    """Prefill then one token at a time into GLMWithKVCache: each step's logits equal the
+    """Prefill then one token at a time into the in-place cache: each step's logits equal the
     full (cache-free) forward's at that position, for a left-padded batch."""
     length = 24
     ids = np.full((2, length), config.pad_token_id, np.int32)
@@ -120,16 +120,15 @@ def test_in_place_cache_gives_the_full_forward_logits(model, config):
     pads = [0, 3]
     positions, mask = glm_positions_and_mask(ids, pads, config)
     full = model(Tensor(ids), Tensor(positions), Tensor(mask))[0].asnumpy()
-    forward = model.cached_forward(2, length)
-    assert forward.length == 32 and model.cached_forward(2, 20) is forward  # one cache per size
+    assert model.start_cache(2, length) == 32
+    decoder = model.cached_decoder
+    assert model.start_cache(2, 20) == 32 and model.cached_decoder is decoder  # one cache per size
     positions, mask = glm_positions_and_mask(np.pad(ids, ((0, 0), (0, 8))), pads, config)
-    got = [forward(Tensor(ids[:, :12]), Tensor(positions[..., :12]), Tensor(mask[..., :12, :]), None,
-                   Tensor(0, ms.int32), Tensor(np.full((2,), 11, np.int32))).asnumpy()]
+    got = [model.prefill(input_ids=ids[:, :12], position_ids=positions[..., :12],
+                         attention_mask=mask[..., :12, :], logits_index=np.full((2,), 11, np.int32))]
     for step in range(12, length):
-        got.append(forward(Tensor(ids[:, step:step + 1]), Tensor(positions[..., step:step + 1]),
-                           Tensor(mask[..., step:step + 1, :]), None, Tensor(step, ms.int32),
-                           None).asnumpy())
+        got.append(model.decode(input_ids=ids[:, step:step + 1], position_ids=positions[..., step:step + 1],
+                                attention_mask=mask[..., step:step + 1, :], cache_index=step))
     np.testing.assert_allclose(np.stack(got, axis=1), full[:, 11:], atol=1e-5, rtol=0)
-    assert model.cached_forward(2, 40).length == config.seq_length  # capped at seq_length
+    assert model.start_cache(2, 40) == config.seq_length  # capped at seq_length
     assert not any("cache" in p.name for p in model.get_parameters())  # not saved as weights
-

@@ -12,7 +12,7 @@ from mindspore import Tensor
 from research.common.convert import per_head_qkv_to_contiguous
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
-from research.visualglm.convert_weight import convert_glm_state_dict
+from research.visualglm.convert_visualglm import convert_glm_state_dict
 from research.visualglm.modeling_glm import glm_positions_and_mask
 from tests.glm_fixtures import (glm_from_state_dict, prompt, random_bodies, sat_state_dict,
                                 tiny_glm_config)

@@ -16,8 +16,11 @@ import pytest
 from PIL import Image
 
 from research.common.config import REPO_ROOT
+from research.common.lite.export import remove_previous_export
+from research.common.lite.graphs import read_graph_inputs
 from research.visualglm import export_lite_model, run_visualglm, run_visualglm_infer_lite as lite
-from research.visualglm.lite_graphs import default_image_encoder_path, read_graph_inputs
+from research.visualglm.inference import image_prompt_pairs, load_visualglm
+from research.visualglm.lite_visualglm import default_image_encoder_path, load_lite_visualglm
 from tests.test_run_visualglm import EXAMPLE, TINY, write_config
 
 SEQ = 48  # text tokens; the GLM graphs hold 48 + 32 image tokens
@@ -70,30 +73,22 @@ def lite_argv(exported, batch, pairs, inc=True, extra=()):
 
 
 def lite_tokens(argv):
-    """New token ids per pair from the Lite runner's API (the CLI prints only text)."""
-    args = lite.parse_args(argv)
-    model, settings, _ = lite.build_lite_visualglm(args)
-    args.batch_size = model.batch_size
-    pairs = run_visualglm.image_prompt_pairs(args)
-    return [ids for first in range(0, len(pairs), model.batch_size)
-            for ids in model.answer(pairs[first:first + model.batch_size], settings)[2]]
+    """New token ids per pair from the Lite runner's library (the CLI prints only text)."""
+    args = lite.build_parser().parse_args(argv)
+    model = load_lite_visualglm(
+        args.config, args.full_model_path, inc_model_path=args.inc_model_path,
+        image_encoder_path=args.image_encoder_path, lite_checkpoint=args.lite_checkpoint,
+        ge_config=args.ge_config, runtime=args.runtime, seq_length=args.seq_length,
+        batch_size=args.batch_size, use_past=args.use_past)
+    pairs = image_prompt_pairs(args.image_path, args.prompt)
+    return [reply.token_ids for reply in model.answer(pairs, max_new_tokens=args.max_new_tokens)]
 
 
 def reference_tokens(exported, pairs, batch):
     """New token ids per pair from the MindSpore model, as run_visualglm.py --use_past True runs it."""
-    args = argparse.Namespace(config=exported.config, device_id=0, use_past=True, seq_length=SEQ,
-                              do_sample=None, top_k=None, top_p=None)
-    config, model, processor, loaded, _ = run_visualglm.build_visualglm(args)
-    assert len(loaded) == 3
-    settings = run_visualglm.generation_settings(config, processor.tokenizer, NEW_TOKENS)
-    tokens = []
-    for first in range(0, len(pairs), batch):
-        chunk = pairs[first:first + batch]
-        inputs = processor([p[0] for p in chunk], [p[1] for p in chunk],
-                           max_length=config.text_config.seq_length)
-        tokens += model.generate(inputs["input_ids"], inputs["pre_image_lengths"],
-                                 inputs["pixel_values"], settings)
-    return tokens
+    chat = load_visualglm(exported.config, use_past=True, seq_length=SEQ)
+    assert len(chat.loaded) == 3
+    return [reply.token_ids for reply in chat.answer(pairs, batch_size=batch, max_new_tokens=NEW_TOKENS)]
 
 
 def run_visualglm_argv(exported, batch, pairs):
@@ -299,5 +294,5 @@ def test_re_export_removes_the_files_of_the_previous_one(tmp_path):
         with open(path, "wb") as stream:
             stream.write(b"old")
         os.chmod(path, 0o400)
-    export_lite_model.remove_previous_export(prefix)
+    remove_previous_export(prefix)
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""tools/hccl_tools.py (rank table), research/run_singlenode.sh (launcher) and CPU data-parallel
+"""tools/hccl_tools.py (rank table), run_singlenode.sh (launcher) and CPU data-parallel
 training through it: two msrun processes with gradient averaging end with the same weights as
 one process on the whole batch."""
 import json
@@ -13,7 +13,7 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HCCL_TOOLS = os.path.join(REPO_ROOT, "tools", "hccl_tools.py")
-RUN_SINGLENODE = os.path.join(REPO_ROOT, "research", "run_singlenode.sh")
+RUN_SINGLENODE = os.path.join(REPO_ROOT, "run_singlenode.sh")
 DP_TRAIN = "tests/parallel_scripts/dp_train.py"
 RANK_ENV = os.path.join(REPO_ROOT, "tests", "parallel_scripts", "rank_env.py")
 LAUNCHER_ENV = ("RANK_ID", "RANK_SIZE", "RANK_TABLE_FILE", "DEVICE_ID", "MS_ROLE", "MS_WORKER_NUM",

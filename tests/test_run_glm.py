@@ -6,14 +6,16 @@ import sys
 import numpy as np
 import pytest
 
-from research.common.config import CONFIG_ROOT, REPO_ROOT
+from research.common.config import CONFIG_ROOT, REPO_ROOT, load_config
 from research.common.convert import save_checkpoint_atomic
 from research.common.generation import GenerationConfig, generate
+from research.common.prompts import VisualGLMPrompt
+from research.common.runtime import load_weights
+from research.common.testing import train_tiny_ice_text_model
 from research.visualglm import run_glm
 from research.visualglm.configuration_glm import GLMConfig
-from research.visualglm.processing_visualglm import chat_prompt, postprocess_response
+from research.visualglm.modeling_glm import GLMForConditionalGeneration
 from research.visualglm.tokenization_chatglm import ChatGLMTokenizer
-from research.visualglm.tiny_tokenizer import train_tiny_ice_text_model
 
 TINY = os.path.join(CONFIG_ROOT, "visualglm", "run_glm_tiny_text_generation.yaml")
 
@@ -46,21 +48,21 @@ def test_same_answers_with_and_without_kv_cache(capsys):
 def test_loads_a_converted_checkpoint(tmp_path, capsys):
     """Weights saved to a .ckpt and given with --checkpoint drive the answers."""
     config = GLMConfig.from_dict(dict(
-        run_glm.load_config(TINY).model.model_config))
+        load_config(TINY).model.model_config))
     rng = np.random.RandomState(5)
-    model = run_glm.build_registered(run_glm.MODELS, "GLMForConditionalGeneration", config)
+    model = GLMForConditionalGeneration(config)
     params = {p.name: rng.normal(0, 0.3, p.shape).astype(np.float32) for p in model.get_parameters()}
     path = str(tmp_path / "glm_tiny.ckpt")
     save_checkpoint_atomic(params, path)
     answers, out = run(capsys, "--checkpoint", path, "--prompt", "你好", "--max_new_tokens", "8")
     assert path in out
-    run_glm.load_weights(model, path, "GLM checkpoint")
+    load_weights(model, path, "GLM checkpoint")
     tokenizer = ChatGLMTokenizer(os.path.join(REPO_ROOT, "examples/tiny/ice_text.model"))
-    ids = generate(model, [tokenizer.encode(chat_prompt("你好"))], GenerationConfig(
-        max_new_tokens=8, repetition_penalty=config.repetition_penalty,
+    ids = generate(model, [tokenizer.encode(VisualGLMPrompt().build_prompt("你好"))], GenerationConfig(
+        max_new_tokens=8, repetition_penalty=config.repetition_penalty, sampling_rule="sat",
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         valid_vocab_size=tokenizer.vocab_size))[0]
-    assert answers == [postprocess_response(tokenizer.decode(ids))]
+    assert answers == [VisualGLMPrompt().postprocess(tokenizer.decode(ids))]
 
 
 def write_config(tmp_path, old, new):
@@ -93,7 +95,7 @@ def test_missing_tokenizer_file(tmp_path, capsys):
 def test_prompt_longer_than_seq_length(capsys):
     tokenizer = ChatGLMTokenizer(os.path.join(REPO_ROOT, "examples/tiny/ice_text.model"))
     question = "红色的圆形。" * 6
-    length = len(tokenizer.encode(chat_prompt(question)))
+    length = len(tokenizer.encode(VisualGLMPrompt().build_prompt(question)))
     assert 32 < length < 64  # fits the tokenizer's max_length, not the model's seq_length
     err = bad_run(capsys, "--prompt", question, "--seq_length", "32")
     assert f"the prompt has {length} tokens but seq_length is 32" in err

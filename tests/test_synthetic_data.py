@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from research.common.errors import UserInputError
+from research.common.image_processing import BlipImageProcessor
 from research.visualglm import synthetic_data
 from research.visualglm.configuration_glm import GLMConfig
 from research.visualglm.dataset_visualglm import VisualGLMDataLoader
-from research.visualglm.processing_visualglm import VisualGLMImageProcessor, VisualGLMProcessor
+from research.visualglm.processing_visualglm import VisualGLMProcessor
 from research.visualglm.synthetic_data import (
     BACKGROUNDS, COLOURS, COMBINATIONS, PROMPT, SHAPES, build_synthetic_tokenizer, label_for,
     make_synthetic_dataset, style_label_for)
@@ -137,7 +138,7 @@ def test_tokenizer_encodes_every_text_without_unknown_pieces(tokenizer):
 
 def test_loader_reads_the_synthetic_dataset(dataset, tokenizer):
     directory, _ = dataset
-    processor = VisualGLMProcessor(VisualGLMImageProcessor(56), tokenizer)
+    processor = VisualGLMProcessor(BlipImageProcessor(56), tokenizer)
     config = GLMConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                        inner_hidden_size=64, seq_length=128, bos_token_id=8, eos_token_id=9,
                        mask_token_id=4, gmask_token_id=5)

@@ -1,15 +1,10 @@
 """ChatGLM-6B v1 / VisualGLM tokenizer on the tiny ice_text-style model."""
-import io
-import os
-
-import numpy as np
 import pytest
 import sentencepiece as spm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.errors import UserInputError
-from research.visualglm import tiny_tokenizer
-from research.visualglm.tiny_tokenizer import USER_DEFINED_PIECES, train_tiny_ice_text_model
+from research.common.testing import train_sentencepiece_model
 from research.visualglm.tokenization_chatglm import ChatGLMTokenizer
 
 ROUND_TRIP_TEXTS = [
@@ -42,14 +37,8 @@ def tok(tiny_ice_text_model):
 
 def _train(path, user_defined, pad_id=3):
     """A minimal ice_text-like model with a chosen set of special pieces."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(["a cat and a dog", "红色的圆形"] * 20), model_writer=model,
-        vocab_size=400, hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=pad_id, user_defined_symbols=user_defined,
-        num_threads=1, minloglevel=2)
-    path.write_bytes(model.getvalue())
-    return str(path)
+    return train_sentencepiece_model(str(path), ["a cat and a dog", "红色的圆形"] * 20, 400, user_defined,
+                                     pad_id=pad_id)
 
 
 # ---- round trips and whitespace pieces --------------------------------------------------
@@ -98,7 +87,7 @@ def test_tokenize_and_convert_agree_with_encode(tok):
 def test_special_ids_come_from_the_model_file(tok, sp):
     assert tok.mask_token_id == sp.piece_to_id("[MASK]")
     assert tok.gmask_token_id == sp.piece_to_id("[gMASK]")
-    assert tok.smask_token_id == sp.piece_to_id("[sMASK]")
+    assert tok.piece_id("[sMASK]") == sp.piece_to_id("[sMASK]")
     assert tok.bos_token_id == sp.piece_to_id("<sop>")
     assert tok.eos_token_id == sp.piece_to_id("<eop>")
     assert tok.pad_token_id == sp.piece_to_id("<pad>") == 3
@@ -110,7 +99,7 @@ def test_special_ids_follow_the_file_not_fixed_numbers(tmp_path):
     reordered = ["<eop>", "<sop>", "[gMASK]", "[MASK]"]
     tok = ChatGLMTokenizer(_train(tmp_path / "reordered.model", reordered))
     assert [tok.eos_token_id, tok.bos_token_id, tok.gmask_token_id, tok.mask_token_id] == [4, 5, 6, 7]
-    assert tok.smask_token_id is None
+    assert tok.piece_id("[sMASK]") is None
 
 
 def test_pad_falls_back_to_eop_without_pad_piece(tmp_path):
@@ -155,67 +144,7 @@ def test_image_token_offset_shifts_ids(tiny_ice_text_model, tok):
     assert shifted.convert_tokens_to_ids("<image_5>") == 5
 
 
-# ---- batching and padding ------------------------------------------------------------------
-
-BATCH = ["a cat", "问：图片里有什么形状？\n答：", "There is a blue triangle in the picture."]
-
-
-def test_left_padding_of_a_batch(tok):
-    out = tok(BATCH, padding=True)
-    singles = [tok.encode(t) for t in BATCH]
-    width = max(map(len, singles))
-    assert len(set(map(len, singles))) == 3
-    for row, mask, single in zip(out["input_ids"], out["attention_mask"], singles):
-        pad = width - len(single)
-        assert len(row) == len(mask) == width
-        assert row[:pad] == [tok.pad_token_id] * pad
-        assert mask == [0] * pad + [1] * len(single)
-        assert row[pad:] == single
-    assert tok.batch_encode(BATCH) == out
-
-
-def test_padding_to_max_length_and_tensors(tok):
-    out = tok.batch_encode(BATCH, max_length=64)
-    assert all(len(row) == 64 for row in out["input_ids"])
-    arrays = tok(BATCH, padding="max_length", max_length=64, return_tensors="np")
-    assert arrays["input_ids"].shape == (3, 64) and arrays["input_ids"].dtype == np.int32
-    assert arrays["input_ids"].tolist() == out["input_ids"]
-    assert arrays["attention_mask"].tolist() == out["attention_mask"]
-
-
-def test_right_padding_and_single_text(tiny_ice_text_model):
-    tok = ChatGLMTokenizer(tiny_ice_text_model, padding_side="right")
-    out = tok(BATCH[:2], padding=True)
-    short = tok.encode(BATCH[0])
-    assert out["input_ids"][0][:len(short)] == short
-    assert out["input_ids"][0][len(short):] == [tok.pad_token_id] * (len(out["input_ids"][1]) - len(short))
-    single = tok(BATCH[0])
-    assert single == {"input_ids": short, "attention_mask": [1] * len(short)}
-
-
-def test_unpadded_batch_is_ragged(tok):
-    out = tok(BATCH)
-    assert out["input_ids"] == [tok.encode(t) for t in BATCH]
-    with pytest.raises(UserInputError, match="equal lengths"):
-        tok(BATCH, return_tensors="np")
-
-
 # ---- bad input ------------------------------------------------------------------------------
-
-def test_missing_vocab_file(tmp_path):
-    path = str(tmp_path / "nope.model")
-    with pytest.raises(UserInputError, match="does not exist") as err:
-        ChatGLMTokenizer(path)
-    assert path in str(err.value) and "sentencepiece" in str(err.value)
-
-
-def test_non_sentencepiece_file(tmp_path):
-    path = tmp_path / "vocab.txt"
-    path.write_text("this is not a sentencepiece model\n")
-    with pytest.raises(UserInputError, match="not a valid sentencepiece model") as err:
-        ChatGLMTokenizer(str(path))
-    assert str(path) in str(err.value)
-
 
 def test_model_without_required_pieces(tmp_path):
     path = _train(tmp_path / "plain.model", ["[MASK]", "<eop>"])
@@ -224,32 +153,10 @@ def test_model_without_required_pieces(tmp_path):
     assert path in str(err.value)
 
 
-def test_too_long_text(tiny_ice_text_model):
-    tok = ChatGLMTokenizer(tiny_ice_text_model, max_length=16)
-    text = "There is a red circle in the picture. " * 3
-    full = tok.encode(text, add_special_tokens=False, max_length=1000)
-    n = len(full)
-    with pytest.raises(UserInputError, match=rf"{n} tokens plus 2 special tokens, more than max_length 16"):
-        tok.encode(text)
-    with pytest.raises(UserInputError, match="more than max_length 16"):
-        tok([text, "a"], padding=True)
-    with pytest.raises(UserInputError, match="more than max_length 40"):
-        tok.encode(text, max_length=40)
-    cut = tok.encode(text, truncation=True)
-    assert len(cut) == 16 and cut[-2:] == [tok.gmask_token_id, tok.bos_token_id]
-    assert cut[:-2] == full[:14]
-    assert tok.encode(text, add_special_tokens=False, truncation=True) == full[:16]
-
-
-def test_bad_ids_and_options(tok, tiny_ice_text_model):
-    with pytest.raises(UserInputError, match=r"\[-100\] are outside the vocabulary"):
-        tok.decode([5, -100])
-    with pytest.raises(UserInputError, match="padding must be"):
-        tok("a", padding="left")
-    with pytest.raises(UserInputError, match="padding_side"):
-        ChatGLMTokenizer(tiny_ice_text_model, padding_side="middle")
-    with pytest.raises(UserInputError, match="max_blank_length"):
-        ChatGLMTokenizer(tiny_ice_text_model, max_blank_length=1)
+def test_unknown_fields_are_refused(tiny_ice_text_model):
+    with pytest.raises(UserInputError, match=r"unknown fields \['bos_token'\]"):
+        ChatGLMTokenizer(tiny_ice_text_model, bos_token="<sop>")
+    assert ChatGLMTokenizer(tiny_ice_text_model, type="ChatGLMTokenizer").max_length == 2048
 
 
 # ---- MindFormers integration ----------------------------------------------------------------
@@ -259,30 +166,3 @@ def test_registered_and_buildable_from_config(tiny_ice_text_model):
     from mindformers.models.build_tokenizer import build_tokenizer
     tok = build_tokenizer({"type": "ChatGLMTokenizer", "vocab_file": tiny_ice_text_model, "max_length": 64})
     assert isinstance(tok, ChatGLMTokenizer) and tok.max_length == 64
-
-
-# ---- tiny model builder ----------------------------------------------------------------------
-
-def test_tiny_model_layout(sp):
-    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
-    assert [sp.id_to_piece(4 + i) for i in range(len(USER_DEFINED_PIECES))] == list(USER_DEFINED_PIECES)
-    assert USER_DEFINED_PIECES[-1] == "<|blank_80|>"
-
-
-def test_tiny_model_build_is_deterministic_and_atomic(tmp_path, tiny_ice_text_model):
-    first = train_tiny_ice_text_model(str(tmp_path / "a" / "one.model"))
-    assert tiny_tokenizer.main([str(tmp_path / "b" / "two.model")]) == 0
-    with open(first, "rb") as f1, open(tmp_path / "b" / "two.model", "rb") as f2, \
-            open(tiny_ice_text_model, "rb") as f3:
-        assert f1.read() == f2.read() == f3.read()
-    assert os.listdir(tmp_path / "a") == ["one.model"]  # no temp files left behind
-
-
-def test_tiny_model_takes_custom_sentences(tmp_path, sp):
-    path = train_tiny_ice_text_model(str(tmp_path / "custom.model"), sentences=["zebra\tzone\nzoo"] * 30,
-                                     vocab_size=400)
-    custom = spm.SentencePieceProcessor(model_file=path)
-    assert sp.piece_to_id("zoo") == 0 and custom.piece_to_id("zoo") > 0  # learnt from these sentences
-    assert custom.piece_to_id("\n") == custom.piece_to_id("\t") == 0  # trained on <n> / <|tab|> instead
-    tok = ChatGLMTokenizer(path)
-    assert tok.decode(tok.encode("zebra\tzone\nzoo")) == "zebra\tzone\nzoo"

@@ -3,8 +3,11 @@
 Tiny HF models get seeded random weights (LayerNorm gains and biases included), their state
 dicts go through our conversion tables (`rows_from_hf_blip2_vision`,
 `rows_from_hf_blip2_qformer`) into our MindSpore cells, and both sides run on the same
-inputs, in PYNATIVE and GRAPH mode. Also: the default configs have the EVA-ViT-g / BLIP-2
-shapes, and the shape tables used for counting match the cells that are really built.
+inputs, in PYNATIVE and GRAPH mode. HF builds `post_layernorm` (our `ln_vision`) with the
+blocks' eps 1e-6; VisualGLM, LAVIS and MiniGPT-4 use torch's default 1e-5, so the references
+here are set to 1e-5, and one reference with a quiet residual stream shows the two apart.
+Also: the default configs have the EVA-ViT-g / BLIP-2 shapes, and the shape tables used for
+counting match the cells that are really built.
 """
 import numpy as np
 import pytest
@@ -28,6 +31,10 @@ VIT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attent
 QF = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
           layer_norm_eps=1e-12, cross_attention_frequency=2)
 QUERIES = 8
+# VisualGLM's model/blip2.py (as LAVIS and MiniGPT-4): `self.ln_vision = nn.LayerNorm(hidden)`.
+LN_VISION_EPS = 1e-5
+# Parameters that write into the ViT's residual stream: embeddings, attention output, MLP output.
+RESIDUAL_WRITERS = ("projection.weight", "projection.bias", "fc2.weight", "fc2.bias")
 
 
 def _randomise(model, seed, zero_key_bias=False):
@@ -50,10 +57,28 @@ def _numpy_state(model):
     return {name: value.detach().numpy() for name, value in model.state_dict().items()}
 
 
+def _hf_vision_model(seed, stream_scale=1.0):
+    """A random Blip2VisionModel with upstream's ln_vision eps; `stream_scale` scales every
+    weight that writes into the residual stream, and with it the stream before ln_vision."""
+    config = Blip2VisionConfig(qkv_bias=True, hidden_act="gelu", attention_dropout=0.0, **VIT)
+    model = _randomise(Blip2VisionModel(config), seed=seed, zero_key_bias=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("embeddings.") or name.endswith(RESIDUAL_WRITERS):
+                param.mul_(stream_scale)
+    model.post_layernorm.eps = LN_VISION_EPS
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_vision():
-    config = Blip2VisionConfig(qkv_bias=True, hidden_act="gelu", attention_dropout=0.0, **VIT)
-    return _randomise(Blip2VisionModel(config), seed=11, zero_key_bias=True)
+    return _hf_vision_model(seed=11)
+
+
+@pytest.fixture(scope="module")
+def hf_vision_quiet():
+    """Stream before ln_vision ~0.03 (per-token variance ~1e-3), where eps 1e-5 and 1e-6 differ."""
+    return _hf_vision_model(seed=13, stream_scale=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +88,8 @@ def hf_qformer():
     return _randomise(Blip2QFormerModel(config), seed=12)
 
 
-def _vit_config():
-    return ViTConfig(**VIT)
+def _vit_config(**overrides):
+    return ViTConfig(**{**VIT, **overrides})
 
 
 def _qformer_config():
@@ -75,8 +100,8 @@ def _qformer_config():
                          encoder_width=VIT["hidden_size"], query_length=QUERIES)
 
 
-def _vit_from_hf(hf_model):
-    config = _vit_config()
+def _vit_from_hf(hf_model, **overrides):
+    config = _vit_config(**overrides)
     net = EvaViT(config)
     params = apply_table(_numpy_state(hf_model), rows_from_hf_blip2_vision(config),
                          what="HF Blip2VisionModel")
@@ -103,6 +128,29 @@ def test_vision_matches_hf_blip2_vision_model(hf_vision, mode):
     difference = float(np.abs(actual - expected).max())
     print(f"[{mode}] EVA-ViT vs HF Blip2VisionModel: max |diff| = {difference:.3g}")
     assert difference < TOLERANCE
+
+
+def test_ln_vision_eps_is_upstreams_not_the_blocks(hf_vision_quiet, mode):
+    """ln_vision has eps 1e-5 while the blocks keep 1e-6; with the blocks' eps (as before
+    issue 11) the output misses the reference by far more than the tolerance."""
+    pixels = np.random.default_rng(6).standard_normal((2, 3, 56, 56)).astype(np.float32)
+    before_ln_vision = []  # HF applies post_layernorm twice: all tokens, then the pooled one
+    hook = hf_vision_quiet.post_layernorm.register_forward_hook(
+        lambda module, inputs, output: before_ln_vision.append(inputs[0]))
+    with torch.no_grad():
+        expected = hf_vision_quiet(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    hook.remove()
+    variance = before_ln_vision[0].var(dim=-1, unbiased=False)
+    assert float(variance.max()) < 1e-2  # small enough for eps 1e-5 vs 1e-6 to show
+    assert _vit_config().ln_vision_eps == LN_VISION_EPS and _vit_config().layer_norm_eps == 1e-6
+    ours = _vit_from_hf(hf_vision_quiet)(Tensor(pixels)).asnumpy()
+    with_block_eps = _vit_from_hf(hf_vision_quiet, ln_vision_eps=1e-6)(Tensor(pixels)).asnumpy()
+    difference = float(np.abs(ours - expected).max())
+    with_block_eps = float(np.abs(with_block_eps - expected).max())
+    print(f"[{mode}] EVA-ViT, quiet stream (variance <= {float(variance.max()):.2g}): max |diff| "
+          f"{difference:.3g} with ln_vision eps 1e-5, {with_block_eps:.3g} with 1e-6")
+    assert difference < TOLERANCE
+    assert with_block_eps > 10 * TOLERANCE
 
 
 def test_qformer_matches_hf_blip2_qformer_model(hf_qformer, mode):

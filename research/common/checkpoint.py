@@ -1,9 +1,13 @@
 """Loading parameters into a network with errors that say which names and shapes are wrong."""
+import dataclasses
+import glob
 import os
+import re
 
 import numpy as np
 import mindspore as ms
 
+from research.common.convert import MODEL_PARAMETERS, check_names_and_shapes
 from research.common.errors import UserInputError
 
 
@@ -33,21 +37,26 @@ def load_params_into_net(net, params, what="checkpoint", allow_missing=(), prefi
 def copy_params(own, params, what, allow_missing=(), hint="wrong model or config?"):
     """Copy {name: array} into the parameters {name: Parameter} after checking that the names
     and shapes match exactly (names starting with `allow_missing` may be absent)."""
-    unknown = sorted(set(params) - set(own))
-    missing = sorted(name for name in set(own) - set(params)
-                     if not name.startswith(tuple(allow_missing)))
-    wrong = [f"{name}: model {tuple(own[name].shape)}, {what} {tuple(np.shape(params[name]))}"
-             for name in sorted(set(params) & set(own))
-             if tuple(own[name].shape) != tuple(np.shape(params[name]))]
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} name(s) the model does not have: {', '.join(unknown[:10])}")
-    if missing:
-        problems.append(f"{len(missing)} model parameter(s) missing: {', '.join(missing[:10])}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:10])}")
-    if problems:
-        raise UserInputError(f"{what} does not fit this model ({hint}): " + " | ".join(problems))
+    check_names_and_shapes({name: param.shape for name, param in own.items()},
+                           {name: np.shape(value) for name, value in params.items()},
+                           f"{what} does not fit this model ({hint})",
+                           dataclasses.replace(MODEL_PARAMETERS, found_side=what),
+                           optional=allow_missing)
     for name, value in params.items():
         param = own[name]
         param.set_data(ms.Tensor(np.asarray(value), dtype=param.dtype))
+
+
+def latest_checkpoint(path):
+    """`path` itself, or the checkpoint with the highest step (`...-STEP.ckpt`) in a folder."""
+    if not os.path.isdir(path):
+        return path
+    files = glob.glob(os.path.join(path, "*.ckpt"))
+    if not files:
+        raise UserInputError(f"no .ckpt file in {path}")
+
+    def step(name):
+        numbers = re.findall(r"-(\d+)\.ckpt$", name)
+        return (int(numbers[0]) if numbers else -1, os.path.getmtime(name))
+
+    return max(files, key=step)

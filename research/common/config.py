@@ -108,9 +108,28 @@ def check_value(value, annotation):
     return isinstance(value, annotation)
 
 
+def check_int(name, value, minimum=1):
+    """`value` if it is an int >= `minimum` (a YAML `true` is not), else a UserInputError naming `name`."""
+    if not check_value(value, int) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UserInputError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
+class FieldError(UserInputError):
+    """A `validate()` error about one field; `from_dict` points it at the field's file:line."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Base for model configs: typed fields, built from YAML with checked types."""
+
+    # Fields of MindFormers' YAML that this model does not implement: name -> why (refused).
+    UNSUPPORTED_FIELDS = {}
 
     @classmethod
     def from_dict(cls, values, where="model_config", source=None):
@@ -124,6 +143,11 @@ class ModelConfig:
             path = f"{where}.{name}"
             return source.where(path) if source is not None else path
 
+        unsupported = sorted(set(values) & set(cls.UNSUPPORTED_FIELDS))
+        if unsupported:
+            name = unsupported[0]
+            raise UserInputError(f"{location(name)}: not supported by {cls.__name__}: "
+                                 f"{cls.UNSUPPORTED_FIELDS[name]}")
         unknown = sorted(set(values) - fields)
         if unknown:
             raise UserInputError(
@@ -145,6 +169,8 @@ class ModelConfig:
         config = cls(**kwargs)
         try:
             config.validate()
+        except FieldError as err:
+            raise UserInputError(f"{location(err.field)}: {err.message}") from err
         except UserInputError as err:
             raise UserInputError(f"{source.path + ': ' if source else ''}{where}: {err}") from err
         return config
@@ -154,6 +180,13 @@ class ModelConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def preset(presets, name):
+    """A fresh config of the named preset; `presets` maps names to factories."""
+    if name not in presets:
+        raise UserInputError(f"unknown preset {name!r}; known presets: {', '.join(presets)}")
+    return presets[name]()
 
 
 def _sub_config_class(annotation):

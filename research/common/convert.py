@@ -7,15 +7,18 @@ is an error that lists the offending names.
 
 `check_table` runs those checks on {key: shape} alone, so a converter can validate a whole
 checkpoint from its headers before reading any weights, then convert shard by shard and
-stream the results into a `.ckpt` with `CheckpointWriter`.
+stream the results into a `.ckpt` with `CheckpointWriter`. `check_names_and_shapes` is the one
+names-and-shapes checker behind it and behind loading parameters into a network
+(`checkpoint.copy_params`).
 """
+import contextlib
 import dataclasses
 import os
-import tempfile
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from research.common.atomic import atomic_write
 from research.common.errors import UserInputError
 
 
@@ -39,7 +42,7 @@ def apply_table(source: Mapping[str, np.ndarray], rows: Sequence[Row], ignore: S
 
     With `strict`, keys of `source` that no row claims (and that are not in `ignore`) are an
     error; callers that convert one part of a bigger checkpoint pass strict=False and check
-    the leftovers themselves with `unclaimed_keys`.
+    the leftovers themselves with `unclaimed_keys` (claimed: the rows' sources).
     """
     check_table({key: tuple(value.shape) for key, value in source.items()}, rows, ignore,
                 what=what, strict=strict)
@@ -52,26 +55,58 @@ def check_table(shapes: Mapping[str, tuple], rows: Sequence[Row], ignore: Sequen
 
     `shapes` is {source key: shape}; no tensor data is needed.
     """
-    problems = []
-    bad_shapes = [f"{row.source}: expected {tuple(row.shape)}, found {tuple(shapes[row.source])}"
-                  for row in rows
-                  if row.source in shapes and tuple(shapes[row.source]) != tuple(row.shape)]
-    if bad_shapes:
-        problems.append(f"{len(bad_shapes)} tensor(s) have the wrong shape (is this checkpoint "
-                        f"for another model size?): {_listing(bad_shapes)}")
-    missing = [row.source for row in rows if row.source not in shapes]
-    if missing:
-        problems.append(f"{len(missing)} expected key(s) missing: {_listing(missing)}")
-    unknown = unclaimed_keys(shapes, [rows], ignore) if strict else []
-    if unknown:
-        problems.append(f"{len(unknown)} unknown key(s): {_listing(unknown)}")
+    check_names_and_shapes({row.source: row.shape for row in rows}, shapes, what, CHECKPOINT_KEYS,
+                           ignore=ignore, strict=strict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MismatchWords:
+    """How an error of `check_names_and_shapes` words its three lists, after their counts."""
+
+    wrong_shape: str
+    missing: str
+    unknown: str
+    expected_side: str  # names the expected shape of a mismatch
+    found_side: str  # names the shape found
+
+
+# A source checkpoint checked against a conversion table.
+CHECKPOINT_KEYS = MismatchWords(
+    wrong_shape="tensor(s) have the wrong shape (is this checkpoint for another model size?)",
+    missing="expected key(s) missing", unknown="unknown key(s)",
+    expected_side="expected", found_side="found")
+# A checkpoint's parameters checked against a network's (callers name the checkpoint
+# in found_side).
+MODEL_PARAMETERS = MismatchWords(
+    wrong_shape="shape mismatch(es)", missing="model parameter(s) missing",
+    unknown="name(s) the model does not have", expected_side="model", found_side="checkpoint")
+
+
+def check_names_and_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], title: str,
+                           words: MismatchWords, optional: Sequence[str] = (),
+                           ignore: Sequence[str] = (), strict=True):
+    """One UserInputError, starting with `title`, that names every wrong shape, every missing
+    name and (with `strict`) every unknown name of `found` against `expected` ({name: shape}).
+
+    Names starting with a prefix in `optional` may be missing; names in `ignore` are not unknown.
+    """
+    bad_shapes = [f"{name}: {words.expected_side} {tuple(shape)}, "
+                  f"{words.found_side} {tuple(found[name])}"
+                  for name, shape in expected.items()
+                  if name in found and tuple(found[name]) != tuple(shape)]
+    missing = [name for name in expected
+               if name not in found and not name.startswith(tuple(optional))]
+    unknown = unclaimed_keys(found, expected, ignore) if strict else []
+    problems = [f"{len(names)} {label}: {_listing(names)}"
+                for names, label in ((bad_shapes, words.wrong_shape), (missing, words.missing),
+                                     (unknown, words.unknown)) if names]
     if problems:
-        raise UserInputError(f"{what}: " + "; ".join(problems))
+        raise UserInputError(f"{title}: " + "; ".join(problems))
 
 
-def unclaimed_keys(source, tables, ignore=()):
-    """Keys of `source` claimed by no row of any table and not in `ignore`."""
-    claimed = {row.source for rows in tables for row in rows} | set(ignore)
+def unclaimed_keys(source, claimed, ignore=()):
+    """Keys of `source`, sorted, that are neither in `claimed` nor in `ignore`."""
+    claimed = set(claimed) | set(ignore)
     return sorted(key for key in source if key not in claimed)
 
 
@@ -105,9 +140,8 @@ class CheckpointWriter:
     A `.ckpt` is the protobuf `Checkpoint { repeated Value value }`; serialized one-entry
     messages concatenate into a valid file, and MindSpore's loader joins consecutive entries
     with the same tag, so a large tensor goes out in slices as `ms.save_checkpoint` writes it.
-    The data goes to a temp file beside `path`, renamed to `path` when the `with` block ends
-    without an exception and removed otherwise: a failed run never leaves a half checkpoint
-    (or clobbers an older one) under the final name.
+    The data goes through `atomic_write`: a failed run never leaves a half checkpoint (or
+    clobbers an older one) under the final name.
     """
 
     def __init__(self, path, slice_bytes=SLICE_BYTES):
@@ -119,17 +153,14 @@ class CheckpointWriter:
         self._names = set()
         self._checkpoint_message = None
         self._file = None
-        self._tmp_path = None
+        self._open_file = contextlib.ExitStack()
 
     def __enter__(self):
         from mindspore.train.checkpoint_pb2 import Checkpoint
 
         self._checkpoint_message = Checkpoint
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        handle, self._tmp_path = tempfile.mkstemp(
-            prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory)
-        self._file = os.fdopen(handle, "wb")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._file = self._open_file.enter_context(atomic_write(self.path))
         return self
 
     def write(self, name, value):
@@ -156,18 +187,7 @@ class CheckpointWriter:
         self.dtypes.add(str(value.dtype))
 
     def __exit__(self, exc_type, exc_value, traceback):
-        try:
-            if exc_type is None:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                os.chmod(self._tmp_path, 0o644)  # mkstemp made it private (0600)
-                os.replace(self._tmp_path, self.path)
-        finally:
-            self._file.close()
-            if os.path.exists(self._tmp_path):
-                os.remove(self._tmp_path)
-        return False
+        return self._open_file.__exit__(exc_type, exc_value, traceback)
 
 
 def save_checkpoint_atomic(params: Mapping[str, np.ndarray], path, dtype=None):

@@ -8,7 +8,7 @@ exactly what the base model does. `merge_lora` folds the pair into W for deploym
 """
 import dataclasses
 import re
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import mindspore as ms
@@ -16,7 +16,7 @@ from mindspore import nn
 from mindpet.delta.lora import LoRADense
 
 from research.common.checkpoint import copy_params
-from research.common.config import ModelConfig
+from research.common.config import FieldError, ModelConfig
 from research.common.errors import UserInputError
 from research.common.layers import SkinnyDense
 
@@ -27,7 +27,7 @@ LORA_NAMES = ("mindpet_delta_lora_a", "mindpet_delta_lora_b")
 class LoRAConfig(ModelConfig):
     """`pet_config` fields of MindFormers' LoRA YAML."""
 
-    pet_type: str = "lora"
+    pet_type: Literal["lora"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -37,23 +37,25 @@ class LoRAConfig(ModelConfig):
     exclude_layers: list = dataclasses.field(default_factory=list)
     # Layer indices that get LoRA: a list of indices, one index, or None for all layers.
     layer_range: Optional[Union[int, list]] = None
-    pre_seq_len: int = 0  # accepted (MindFormers' YAML carries it); unused by LoRA
+    # P-Tuning v2's prefix length, which MindFormers' pet_config carries; LoRA has no prefix.
+    pre_seq_len: int = 0
     # Where the checkpoint_trainable files are written and read (issue 4).
     checkpoint_name_or_path: str = ""
 
     def validate(self):
-        if self.pet_type != "lora":
-            raise UserInputError(f"pet_type must be 'lora', got {self.pet_type!r}")
         if self.lora_rank <= 0:
-            raise UserInputError(f"lora_rank must be positive, got {self.lora_rank}")
+            raise FieldError("lora_rank", f"must be positive, got {self.lora_rank}")
         if self.lora_alpha == 0:
-            raise UserInputError("lora_alpha must not be 0")
+            raise FieldError("lora_alpha", "must not be 0")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserInputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise FieldError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.pre_seq_len != 0:
+            raise FieldError("pre_seq_len", f"is P-Tuning v2's prefix length, which LoRA does not "
+                                            f"have; set it to 0, got {self.pre_seq_len}")
         try:
             re.compile(self.target_modules)
         except re.error as err:
-            raise UserInputError(f"target_modules is not a valid regex: {err}") from err
+            raise FieldError("target_modules", f"is not a valid regex: {err}") from err
 
     @property
     def layers(self):

@@ -1,8 +1,9 @@
 """A loss curve as a PNG, drawn with Pillow alone (axes, tick labels, axis titles, the curve)."""
 import math
-import os
 
 from PIL import Image, ImageDraw, ImageFont
+
+from research.common.atomic import atomic_write
 
 WIDTH, HEIGHT = 800, 480
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 80, 20, 40, 60
@@ -62,6 +63,5 @@ def write_loss_png(path, steps, losses, title="training loss", width=WIDTH, heig
     else:
         draw.text((left + 20, top + 20), "no finite loss values yet", fill="black", font=font)
 
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    image.save(tmp_path, format="PNG")
-    os.replace(tmp_path, path)
+    with atomic_write(path) as stream:
+        image.save(stream, format="PNG")

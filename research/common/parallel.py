@@ -1,13 +1,15 @@
 """Data parallelism with MindSpore's collective communication (HCCL on Ascend, MindSpore's
 own TCP collectives on CPU under `msrun`).
 
-A process started by `research/run_singlenode.sh` (or msrun) joins the group with
+A process started by `run_singlenode.sh` (or msrun) joins the group with
 `init_data_parallel`; the trainer averages gradients with `gradient_reducer`. With
 `use_parallel: False` both are no-ops, so one code path serves one and N processes.
 """
 import dataclasses
 import os
+from typing import Optional
 
+from research.common.config import FieldError, ModelConfig
 from research.common.errors import UserInputError
 
 
@@ -21,23 +23,78 @@ class ParallelContext:
         return self.rank == 0
 
 
+@dataclasses.dataclass
+class AutoParallelConfig(ModelConfig):
+    """The YAML's `parallel` (MindSpore's auto-parallel context), at the values that data
+    parallelism as implemented here means."""
+
+    parallel_mode: int = 0
+    gradients_mean: bool = True
+    full_batch: bool = False
+
+    IMPLEMENTED = {
+        "parallel_mode": (0, "data parallel: each process trains a whole copy of the model"),
+        "gradients_mean": (True, "the gradients are averaged over the processes"),
+        "full_batch": (False, "each process reads only its share of the global batch"),
+    }
+
+    def validate(self):
+        for name, (value, meaning) in self.IMPLEMENTED.items():
+            if getattr(self, name) != value:
+                raise FieldError(name, f"only {value!r} is implemented ({meaning}), "
+                                       f"got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class ParallelConfig(ModelConfig):
+    """The YAML's `parallel_config`: only data parallelism is implemented."""
+
+    data_parallel: Optional[int] = None  # default: the number of processes launched
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+
+    def validate(self):
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise FieldError("data_parallel", f"must be a positive integer, got {self.data_parallel}")
+        for name in ("model_parallel", "pipeline_stage", "micro_batch_num"):
+            if getattr(self, name) != 1:
+                raise FieldError(name, f"must be 1, got {getattr(self, name)}: only data parallelism "
+                                       f"is implemented (data_parallel processes, each with the "
+                                       f"whole model)")
+
+
 def init_data_parallel(yaml_config):
     """Join the process group when the YAML says `use_parallel: True`; returns the context.
 
-    `parallel_config.data_parallel` must equal the number of processes launched. On Ascend
-    with a rank table (run_singlenode.sh) this process's device is $DEVICE_ID: call this
-    before anything sets another device. With `use_parallel: False` in a process that a
-    launcher started as one of several, it raises instead of training N separate copies.
+    `parallel` and `parallel_config` are checked either way (AutoParallelConfig,
+    ParallelConfig). `parallel_config.data_parallel` must equal the number of processes
+    launched (1 with `use_parallel: False`). On Ascend with a rank table (run_singlenode.sh)
+    this process's device is $DEVICE_ID: call this before anything sets another device. With
+    `use_parallel: False` in a process that a launcher started as one of several, it raises
+    instead of training N separate copies.
     """
-    if not yaml_config.get("use_parallel", False):
+    source = getattr(yaml_config, "source", None)
+
+    def where(path):
+        return source.where(path) if source is not None else path
+
+    AutoParallelConfig.from_dict(yaml_config.get("parallel"), "parallel", source)
+    wanted = ParallelConfig.from_dict(yaml_config.get("parallel_config"), "parallel_config",
+                                      source).data_parallel
+    use_parallel = yaml_config.get("use_parallel", False)
+    if not isinstance(use_parallel, bool):
+        raise UserInputError(f"{where('use_parallel')}: must be True or False, got {use_parallel!r}")
+    if not use_parallel:
         _check_not_launched_for_many()
+        if wanted not in (None, 1):
+            raise UserInputError(f"{where('parallel_config.data_parallel')}: {wanted} but use_parallel "
+                                 f"is False (one process); set use_parallel: True and launch {wanted} "
+                                 f"processes, or set data_parallel: 1")
         return ParallelContext()
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    mode = (yaml_config.get("parallel") or {}).get("parallel_mode", 0)
-    if mode != 0:
-        raise UserInputError(f"parallel.parallel_mode {mode!r}: only 0 (data parallel) is supported")
     _use_rank_table_device()
     try:
         init()
@@ -46,9 +103,8 @@ def init_data_parallel(yaml_config):
             "use_parallel is True but this process was not started by a launcher "
             "(run_singlenode.sh or msrun) that sets up the process group: " + str(err)) from err
     world_size, rank = get_group_size(), get_rank()
-    wanted = (yaml_config.get("parallel_config") or {}).get("data_parallel", world_size)
-    if wanted != world_size:
-        raise UserInputError(f"parallel_config.data_parallel is {wanted} but {world_size} "
+    if wanted not in (None, world_size):
+        raise UserInputError(f"{where('parallel_config.data_parallel')}: {wanted} but {world_size} "
                              f"processes were launched")
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=world_size)
@@ -60,7 +116,7 @@ def _launched_by():
     if os.environ.get("MS_ROLE"):  # msrun (and MindSpore's dynamic cluster) set it
         return "msrun"
     if os.environ.get("RANK_TABLE_FILE") and os.environ.get("DEVICE_ID") is not None:
-        return "rank_table"  # research/run_singlenode.sh on Ascend
+        return "rank_table"  # run_singlenode.sh on Ascend
     return None
 
 

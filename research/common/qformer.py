@@ -35,9 +35,8 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import DTYPES, ModelConfig
+from research.common.config import DTYPES, FieldError, ModelConfig
 from research.common.convert import Row
-from research.common.errors import UserInputError
 from research.common.layers import ErfGeluMLP, LayerNormFP32, dense_layer, ms_dtype
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -54,11 +53,12 @@ class QFormerConfig(ModelConfig):
     query_length: int = 32
     cross_attention_freq: int = 2
     hidden_act: Literal["gelu", "GELU"] = "gelu"
+    # Standard deviation of the query tokens at random initialisation.
     initializer_range: float = 0.02
     checkpoint_name_or_path: str = ""
     param_init_type: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"
-    layernorm_compute_type: DTYPES = "float32"
+    layernorm_compute_type: Literal["float32"] = "float32"  # LayerNormFP32 everywhere
     softmax_compute_type: DTYPES = "float32"
 
     @property
@@ -71,12 +71,12 @@ class QFormerConfig(ModelConfig):
 
     def validate(self):
         for name in ("num_hidden_layers", "num_heads", "hidden_size", "intermediate_size",
-                     "encoder_width", "query_length", "cross_attention_freq"):
+                     "encoder_width", "query_length", "cross_attention_freq", "layer_norm_eps"):
             if getattr(self, name) <= 0:
-                raise UserInputError(f"{name} must be positive, got {getattr(self, name)}")
+                raise FieldError(name, f"must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise UserInputError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise FieldError("hidden_size", f"{self.hidden_size} is not divisible by "
+                                            f"num_heads {self.num_heads}")
 
 
 def _attend(query, key, value, num_heads, softmax_dtype):

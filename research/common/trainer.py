@@ -39,6 +39,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindformers.tools.register import MindFormerModuleType
 
+from research.common.atomic import atomic_write
 from research.common.checkpoint import read_checkpoint
 from research.common.config import check_value, type_name
 from research.common.convert import save_checkpoint_atomic
@@ -103,39 +104,62 @@ class TrainingArguments:
         ("callbacks.CheckpointMonitor.save_checkpoint_steps", "save_checkpoint_steps"),
         ("callbacks.CheckpointMonitor.keep_checkpoint_max", "keep_checkpoint_max"),
     )
+    # MindFormers fields the trainer implements at one value only: dotted path -> (value, why).
+    FIXED_FIELDS = {
+        "runner_config.sink_mode": (False, "each step's batch is fed from the host; no data sink"),
+        "runner_wrapper.type": ("MFTrainOneStepCell",
+                                "TrainStep is MFTrainOneStepCell's step with ordinary ops"),
+        "train_dataset.drop_remainder": (True, "the compiled step has static shapes, so an epoch's "
+                                               "last incomplete global batch is dropped"),
+        "callbacks.CheckpointMonitor.save_trainable_params": (
+            True, "the trainable parameters always go to checkpoint_trainable/"),
+        "callbacks.CheckpointMonitor.save_network_params": (
+            False, "the frozen weights are not saved again"),
+        "load_checkpoint": ("", "the weights come from the model config's checkpoint paths; "
+                                "a run continues with --resume"),
+        "resume_training": (False, "a run continues with --resume"),
+        "lr_scale": (False, "the learning rate is lr_schedule's, not scaled by the batch size"),
+    }
+    # MindFormers fields the trainer does not implement: dotted path -> why.
+    UNSUPPORTED_FIELDS = {
+        "lr_scale_factor": "it scales the learning rate only with lr_scale: True, which is not "
+                           "implemented",
+        "callbacks.MFLossMonitor": "the loss is always reported (progress line, loss.csv, loss.png)",
+        "train_dataset_task": "MindFormers builds its dataset from it; here the data loader is "
+                              "built from train_dataset",
+    }
+    # Sections read field by field: every field in them is in YAML_FIELDS or FIXED_FIELDS.
+    SECTIONS = ("runner_config", "runner_wrapper", "optimizer", "callbacks",
+                "callbacks.CheckpointMonitor")
 
     @classmethod
     def from_yaml(cls, config, **overrides):
         """Read the sections `runner_config`, `lr_schedule`, `layer_scale`/`layer_decay`,
         `optimizer` (AdamWeightDecay), `runner_wrapper` (scale_sense, use_clip_grad,
-        max_grad_norm) and the `CheckpointMonitor` entry of `callbacks`; `overrides` win."""
+        max_grad_norm), the `CheckpointMonitor` entry of `callbacks` and
+        `train_dataset.batch_size` (must equal runner_config.batch_size). Other fields of these
+        sections and MindFormers' top-level training fields are accepted only at the value
+        implemented (FIXED_FIELDS) or refused (UNSUPPORTED_FIELDS, unknown fields), with the
+        YAML's file:line. `overrides` win."""
         source = getattr(config, "source", None)
 
         def where(path):
             return source.where(path) if source is not None else path
 
         optimizer = dict(config.get("optimizer") or {})
-        if optimizer.get("type", "AdamWeightDecay") != "AdamWeightDecay":
+        if optimizer.pop("type", "AdamWeightDecay") != "AdamWeightDecay":
             raise UserInputError(f"{where('optimizer.type')}: only AdamWeightDecay is supported, "
-                                 f"got {optimizer.get('type')!r}")
+                                 f"got {config['optimizer']['type']!r}")
         wrapper = dict(config.get("runner_wrapper") or {})
-        scale_sense = wrapper.get("scale_sense", {})
-        if isinstance(scale_sense, (int, float)) and not isinstance(scale_sense, bool):
-            scale_sense = {"loss_scale_value": scale_sense, "scale_factor": 1.0}  # fixed scale
-        elif dict(scale_sense).get("type") == "FixedLossScaleUpdateCell":
-            scale_sense = {"loss_scale_value": scale_sense.get("loss_scale_value", 1.0),
-                           "scale_factor": 1.0}
-        wrapper["scale_sense"] = dict(scale_sense)
-        monitors = [c for c in config.get("callbacks") or [] if c.get("type") == "CheckpointMonitor"]
+        wrapper["scale_sense"] = _loss_scale_fields(wrapper.get("scale_sense", {}), where)
         sections = {**config, "optimizer": optimizer, "runner_wrapper": wrapper,
-                    "callbacks": {"CheckpointMonitor": monitors[0] if monitors else {}}}
+                    "callbacks": _callbacks_by_type(config.get("callbacks"), where)}
+        cls._refuse_unimplemented(sections, where)
 
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
         values = {}
         for path, name in cls.YAML_FIELDS:
-            node = sections
-            for key in path.split("."):
-                node = node.get(key) if isinstance(node, dict) else None
+            node = _lookup(sections, path)
             if node is None:
                 continue
             if not check_value(node, hints[name]):
@@ -143,11 +167,89 @@ class TrainingArguments:
                 raise UserInputError(f"{where(path)}: expected {type_name(hints[name])}, got "
                                      f"{node!r} ({type(node).__name__}){hint}")
             values[name] = float(node) if hints[name] is float else node
+        batch_size = values.get("batch_size", cls.batch_size)
+        dataset_batch_size = _lookup(sections, "train_dataset.batch_size")
+        if dataset_batch_size is not None and dataset_batch_size != batch_size:
+            raise UserInputError(f"{where('train_dataset.batch_size')}: {dataset_batch_size!r} differs "
+                                 f"from runner_config.batch_size ({batch_size}), which the trainer "
+                                 f"reads; make them equal or remove train_dataset.batch_size")
         lr_schedule = config.get("lr_schedule")
         if lr_schedule:
             values["lr_schedule"] = dict(lr_schedule)
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def _refuse_unimplemented(cls, sections, where):
+        """UNSUPPORTED_FIELDS, FIXED_FIELDS at another value, and unknown fields of SECTIONS."""
+        for path, why in cls.UNSUPPORTED_FIELDS.items():
+            if _lookup(sections, path) is not None:
+                raise UserInputError(f"{where(path)}: not supported: {why}; remove the field")
+        for path, (value, why) in cls.FIXED_FIELDS.items():
+            found = _lookup(sections, path)
+            if found is not None and (type(found) is not type(value) or found != value):
+                raise UserInputError(f"{where(path)}: only {value!r} is implemented ({why}), "
+                                     f"got {found!r}")
+        paths = [path for path, _ in cls.YAML_FIELDS] + list(cls.FIXED_FIELDS)
+        known = {".".join(path.split(".")[:n]) for path in paths for n in range(1, path.count(".") + 2)}
+        for section in cls.SECTIONS:
+            for key in _lookup(sections, section) or {}:
+                if f"{section}.{key}" in known:
+                    continue
+                children = (path[len(section) + 1:] for path in known if path.startswith(section + "."))
+                fields = sorted(child for child in children if "." not in child)
+                raise UserInputError(f"{where(f'{section}.{key}')}: not implemented by the trainer "
+                                     f"(it reads {section}: {', '.join(fields)}); remove the field")
+
+
+# Loss-scale cells of MindSpore that the trainer implements, with their fields.
+LOSS_SCALE_CELLS = {"DynamicLossScaleUpdateCell": ("loss_scale_value", "scale_factor", "scale_window"),
+                    "FixedLossScaleUpdateCell": ("loss_scale_value",)}
+
+
+def _loss_scale_fields(scale_sense, where):
+    """`runner_wrapper.scale_sense` as the trainer's fields; a number or a
+    FixedLossScaleUpdateCell is a fixed scale (scale_factor 1), a mapping without a type dynamic."""
+    if isinstance(scale_sense, (int, float)) and not isinstance(scale_sense, bool):
+        return {"loss_scale_value": scale_sense, "scale_factor": 1.0}
+    if not isinstance(scale_sense, dict):
+        raise UserInputError(f"{where('runner_wrapper.scale_sense')}: expected a number (a fixed loss "
+                             f"scale) or one of {', '.join(LOSS_SCALE_CELLS)}, got {scale_sense!r}")
+    fields = dict(scale_sense)
+    kind = fields.pop("type", "DynamicLossScaleUpdateCell")
+    if kind not in LOSS_SCALE_CELLS:
+        raise UserInputError(f"{where('runner_wrapper.scale_sense.type')}: {kind!r} is not "
+                             f"implemented; use {' or '.join(LOSS_SCALE_CELLS)}")
+    unknown = sorted(set(fields) - set(LOSS_SCALE_CELLS[kind]))
+    if unknown:
+        raise UserInputError(f"{where(f'runner_wrapper.scale_sense.{unknown[0]}')}: not a field of "
+                             f"{kind} (its fields: {', '.join(LOSS_SCALE_CELLS[kind])})")
+    if kind == "FixedLossScaleUpdateCell":
+        return {"loss_scale_value": fields.get("loss_scale_value", 1.0), "scale_factor": 1.0}
+    return fields
+
+
+def _callbacks_by_type(callbacks, where):
+    """The YAML's `callbacks` list as {type: the entry's other fields}, one entry per type."""
+    by_type = {}
+    if callbacks is not None and not isinstance(callbacks, list):
+        raise UserInputError(f"{where('callbacks')}: expected a list of entries with a type, "
+                             f"got {callbacks!r}")
+    for number, entry in enumerate(callbacks or []):
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if not isinstance(kind, str) or kind in by_type:
+            raise UserInputError(f"{where('callbacks')}: entry {number} ({entry!r}) must be a mapping "
+                                 f"with a type not listed before")
+        by_type[kind] = {key: value for key, value in entry.items() if key != "type"}
+    return by_type
+
+
+def _lookup(sections, path):
+    """The value at a dotted path of nested mappings, or None."""
+    node = sections
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 class _Float32Loss(nn.Cell):
@@ -259,12 +361,10 @@ class TrainProgress(Progress):
 
 
 def _write_csv(path, rows):
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    with open(tmp_path, "w", newline="", encoding="utf-8") as stream:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp_path, path)
 
 
 def _read_csv(path, up_to_step):

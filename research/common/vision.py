@@ -8,7 +8,8 @@ EVA-ViT-g (DESIGN.md §4): patch 14 conv, a class token, learned absolute positi
 embeddings (257 for 224/14), 39 pre-LN blocks (`h = h + Attn(LN(h)); h = h + MLP(LN(h))`),
 fused query_key_value laid out [Q | K | V] with a bias (EVA has no key bias: its K slice
 is zero in every real checkpoint), exact (erf) GELU, and the final LayerNorm `ln_vision`
-applied to every token. Output [B, 257, hidden].
+applied to every token, with its own eps (1e-5, torch's default, where the blocks use 1e-6).
+Output [B, 257, hidden].
 
 Parameter names follow SAT's (`layers.N.attention.query_key_value`, `mlp.dense_h_to_4h`,
 ...), so the SAT converter maps `mixins.eva.model.vit.*` onto them row by row.
@@ -22,9 +23,8 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import DTYPES, ModelConfig
+from research.common.config import DTYPES, FieldError, ModelConfig
 from research.common.convert import Row
-from research.common.errors import UserInputError
 from research.common.layers import ErfGeluMLP, LayerNormFP32, dense_layer, ms_dtype
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -41,20 +41,29 @@ class ViTConfig(ModelConfig):
     intermediate_size: int = 6144
     qkv_bias: Literal[True] = True
     hidden_act: Literal["gelu", "GELU"] = "gelu"
+    # The blocks' LayerNorms; `ln_vision` is built apart from the ViT upstream
+    # (VisualGLM's blip2.py, LAVIS, MiniGPT-4: `nn.LayerNorm(hidden)`) with torch's default eps.
     layer_norm_eps: float = 1e-6
-    # Accepted so MindFormers' YAML files load; inference has no dropout or drop path.
+    ln_vision_eps: float = 1e-5
+    # Standard deviation of the class token and position embeddings at random initialisation.
     initializer_range: float = 0.02
+    # MindFormers' ViT options; EVA-ViT-g is frozen upstream and has none of them, so only
+    # the values that switch them off are accepted.
     post_layernorm_residual: bool = False
+    use_mean_pooling: bool = False
     attention_probs_dropout_prob: float = 0.0
     hidden_dropout_prob: float = 0.0
     drop_path_rate: float = 0.0
-    use_mean_pooling: bool = False
-    encoder_stride: int = 16
     checkpoint_name_or_path: str = ""
     param_init_type: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"
-    layernorm_compute_type: DTYPES = "float32"
+    layernorm_compute_type: Literal["float32"] = "float32"  # LayerNormFP32 everywhere
     softmax_compute_type: DTYPES = "float32"
+
+    UNSUPPORTED_FIELDS = {
+        "encoder_stride": "it sizes the pixel decoder of SimMIM pre-training, which EVA-ViT-g "
+                          "here does not have; remove the field",
+    }
 
     @property
     def head_dim(self):
@@ -71,18 +80,25 @@ class ViTConfig(ModelConfig):
 
     def validate(self):
         for name in ("image_size", "patch_size", "num_channels", "hidden_size",
-                     "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+                     "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "layer_norm_eps", "ln_vision_eps"):
             if getattr(self, name) <= 0:
-                raise UserInputError(f"{name} must be positive, got {getattr(self, name)}")
+                raise FieldError(name, f"must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise UserInputError(f"hidden_size {self.hidden_size} is not divisible by "
-                                 f"num_attention_heads {self.num_attention_heads}")
+            raise FieldError("hidden_size", f"{self.hidden_size} is not divisible by "
+                                            f"num_attention_heads {self.num_attention_heads}")
         if self.image_size % self.patch_size:
-            raise UserInputError(f"image_size {self.image_size} is not a multiple of "
-                                 f"patch_size {self.patch_size}")
-        if self.use_mean_pooling or self.post_layernorm_residual:
-            raise UserInputError("EVA-ViT-g uses no mean pooling and no post-LN residual; "
-                                 "set use_mean_pooling and post_layernorm_residual to false")
+            raise FieldError("image_size", f"{self.image_size} is not a multiple of "
+                                           f"patch_size {self.patch_size}")
+        for name in ("post_layernorm_residual", "use_mean_pooling"):
+            if getattr(self, name):
+                raise FieldError(name, "EVA-ViT-g has no post-LN residual and no mean pooling "
+                                       "(every token goes to the Q-Former); set it to False")
+        for name in ("attention_probs_dropout_prob", "hidden_dropout_prob", "drop_path_rate"):
+            if getattr(self, name) != 0:
+                raise FieldError(name, f"EvaViT implements no dropout or drop path (upstream "
+                                       f"trains with the ViT frozen); set it to 0, got "
+                                       f"{getattr(self, name)}")
 
 
 class ViTAttention(nn.Cell):
@@ -146,7 +162,7 @@ class EvaViT(nn.Cell):
                         (config.num_positions, hidden), param_dtype),
             name="position_embeddings")
         self.layers = nn.CellList([ViTBlock(config) for _ in range(config.num_hidden_layers)])
-        self.ln_vision = LayerNormFP32((hidden,), epsilon=config.layer_norm_eps)
+        self.ln_vision = LayerNormFP32((hidden,), epsilon=config.ln_vision_eps)
 
     def construct(self, pixel_values):
         size = self.config.image_size
@@ -223,7 +239,8 @@ def rows_from_hf_blip2_vision(config: ViTConfig, prefix=""):
 
     `prefix` is "vision_model." for a full `Blip2ForConditionalGeneration` checkpoint.
     HF's `qkv` is [Q | K | V] like ours; its bias is q_bias | 0 | v_bias. HF's
-    `post_layernorm` is `ln_vision` (its last_hidden_state already includes it).
+    `post_layernorm` is `ln_vision` (its last_hidden_state already includes it), though HF
+    computes it with the blocks' eps (1e-6) where LAVIS, whose weights these are, uses 1e-5.
     """
     h, m, c, p = config.hidden_size, config.intermediate_size, config.num_channels, config.patch_size
     flat = lambda value: value.reshape(value.shape[-2], value.shape[-1])  # noqa: E731

@@ -10,9 +10,7 @@ import sys
 
 from research.common.errors import UserInputError
 from research.common.runtime import cli_main
-from research.visualglm.processing_visualglm import postprocess_response
-from research.visualglm.run_visualglm import (add_model_arguments, build_visualglm,
-                                              describe_weights, generation_settings)
+from research.visualglm.inference import add_model_arguments, load_from_arguments
 
 
 class StreamPrinter:
@@ -47,9 +45,9 @@ def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):
     add_model_arguments(parser)
     parser.add_argument("--image_path", default=None, help="first image (asked for otherwise)")
     args = parser.parse_args(argv)
-    config, model, processor, loaded, device = build_visualglm(args)
-    settings = generation_settings(config, processor.tokenizer, args.max_new_tokens)
-    print(f"device: {device}; {describe_weights(loaded)}")
+    chat = load_from_arguments(args)
+    settings = chat.generation_config(args.max_new_tokens)
+    print(f"device: {chat.device}; {chat.describe_weights()}")
     print("VisualGLM: ask about the image; 'clear' for a new image, 'stop' to quit.")
     image, history = args.image_path, []
     while True:
@@ -59,30 +57,27 @@ def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):
                 return history
             history = []
             try:
-                pixels = processor.image_processor(image)
+                chat.processor.image_processor(image)  # a bad file is asked for again, not fatal
             except UserInputError as err:
                 print(f"error: {err}")
                 image = None
                 continue
-        elif not history:
-            pixels = processor.image_processor(image)
         query = read_line("用户：", stdin)
         if query is None or query == "stop":
             return history
         if query == "clear":
             image = None
             continue
-        ids, pre_image = processor.encode_prompt(query, history, english=args.english)
-        if len(ids) >= config.text_config.seq_length:
-            print(f"error: the conversation has {len(ids)} tokens, more than seq_length "
-                  f"{config.text_config.seq_length}; type 'clear' to start over")
-            continue
         print("VisualGLM：", end="", flush=True)
-        printer = StreamPrinter(processor.tokenizer, stdout)
-        outputs = model.generate([ids], [pre_image], pixels, settings, on_tokens=printer)
-        reply = postprocess_response(processor.tokenizer.decode(outputs[0]))
+        printer = StreamPrinter(chat.processor.tokenizer, stdout)
+        try:
+            reply = chat.answer([(image, query)], english=args.english, histories=[history],
+                                settings=settings, on_tokens=printer)[0]
+        except UserInputError as err:  # e.g. the conversation outgrew seq_length
+            print(f"error: {err}; type 'clear' to start over")
+            continue
         stdout.write("\n")
-        history.append((query, reply))
+        history.append((query, reply.answer))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,18 @@
 
 Each part names its own converted checkpoint (seed 001): `vision_config.checkpoint_name_or_path`
 (ViT + ln_vision), the top-level `checkpoint_name_or_path` (Q-Former + glm_proj) and
-`text_config.checkpoint_name_or_path` (GLM).
+`text_config.checkpoint_name_or_path` (GLM). Defaults are VisualGLM-6B; `PRESETS` /
+`VisualGLMConfig.from_name` name the 6B and the tiny models that configs/visualglm/ use.
 """
 import dataclasses
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import DTYPES, ModelConfig, load_config, resolve_config_path
-from research.common.errors import UserInputError
+from research.common.config import (DTYPES, FieldError, ModelConfig, load_config, preset,
+                                    resolve_config_path)
 from research.common.qformer import QFormerConfig
 from research.common.vision import ViTConfig
-from research.visualglm.configuration_glm import GLMConfig
+from research.visualglm.configuration_glm import GLMConfig, glm_tiny
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -25,33 +26,68 @@ class VisualGLMConfig(ModelConfig):
     text_config: GLMConfig = dataclasses.field(default_factory=GLMConfig)
     # Q-Former + glm_proj weights.
     checkpoint_name_or_path: str = ""
-    batch_size: int = 1
     # Training switches (#4): the ViT and the GLM stay frozen unless set to False.
     freeze_vision: bool = True
     freeze_text: bool = True
-    max_txt_len: int = 32
     # Precision of glm_proj (MindFormers' names).
     dtype: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"
-    layernorm_dtype: DTYPES = "float32"
-    softmax_dtype: DTYPES = "float32"
+
+    UNSUPPORTED_FIELDS = {
+        "batch_size": "the batch is not part of the model here: run scripts take --batch_size "
+                      "and fine-tuning reads runner_config.batch_size; remove the field",
+        "max_txt_len": "BLIP-2's text length for its OPT/T5 decoders; VisualGLM's text length is "
+                       "text_config.seq_length (fine-tuning: train_dataset.max_source_length and "
+                       "max_target_length); remove the field",
+        "layernorm_dtype": "glm_proj has no LayerNorm (the sub-configs' LayerNorms compute in "
+                           "float32); remove the field",
+        "softmax_dtype": "glm_proj has no softmax (set the sub-configs' softmax_compute_type); "
+                         "remove the field",
+    }
 
     @property
     def image_length(self):
         """Image embeddings per image = Q-Former queries (32): the placeholders in the prompt."""
         return self.qformer_config.query_length
 
+    @classmethod
+    def from_name(cls, name):
+        """A fresh config of a named preset: one of PRESETS ("visualglm-6b", ...)."""
+        return preset(PRESETS, name)
+
     def validate(self):
         if self.qformer_config.encoder_width != self.vision_config.hidden_size:
-            raise UserInputError(
-                f"qformer_config.encoder_width ({self.qformer_config.encoder_width}) must equal "
-                f"vision_config.hidden_size ({self.vision_config.hidden_size})")
-        if self.batch_size <= 0:
-            raise UserInputError(f"batch_size must be positive, got {self.batch_size}")
+            raise FieldError("qformer_config.encoder_width",
+                             f"{self.qformer_config.encoder_width} must equal "
+                             f"vision_config.hidden_size ({self.vision_config.hidden_size})")
         if self.image_length >= self.text_config.seq_length:
-            raise UserInputError(
-                f"text_config.seq_length ({self.text_config.seq_length}) must be longer than the "
-                f"{self.image_length} image tokens")
+            raise FieldError("text_config.seq_length",
+                             f"{self.text_config.seq_length} must be longer than the "
+                             f"{self.image_length} image tokens")
+
+
+def visualglm_tiny(patch_size=14):
+    """The tiny VisualGLM of run_visualglm_tiny_image_to_text_generation.yaml: VisualGLM-6B's
+    architecture (32 queries) scaled down to run in seconds on a CPU, on 56x56 images."""
+    text = glm_tiny()
+    text.seq_length = text.max_decode_length = 128
+    return VisualGLMConfig(
+        vision_config=ViTConfig(image_size=56, patch_size=patch_size, hidden_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, intermediate_size=96),
+        qformer_config=QFormerConfig(num_hidden_layers=2, num_heads=4, hidden_size=32,
+                                     intermediate_size=64, encoder_width=48),
+        text_config=text)
+
+
+def visualglm_tiny_demo():
+    """The tiny VisualGLM that `make demo` trains (run_visualglm_tiny_{finetune,lora,demo}.yaml):
+    patch 7, as the synthetic shapes need more than 4x4 patches at 56x56."""
+    return visualglm_tiny(patch_size=7)
+
+
+# Named presets: name -> factory of a fresh config.
+PRESETS = {"visualglm-6b": VisualGLMConfig, "visualglm-tiny": visualglm_tiny,
+           "visualglm-tiny-demo": visualglm_tiny_demo}
 
 
 def load_visualglm_config(config):

@@ -25,18 +25,23 @@ Departures from upstream, all on the side of failing early:
 - the shuffle order is a deterministic function of (seed, epoch), so a trainer can resume
   exactly (`order(epoch)`).
 """
+import dataclasses
 import json
 import os
 import random
 import sys
+from typing import Optional
 
 import numpy as np
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from research.common.config import ModelConfig, check_int
 from research.common.errors import UserInputError
+from research.common.image_processing import load_image
+from research.common.prompts import VisualGLMPrompt
 from research.common.runtime import build_registered, resolve_path as _resolve_repo_path
 from research.visualglm.modeling_glm import glm_positions_and_mask
-from research.visualglm.processing_visualglm import IMAGE_END, IMAGE_START, chat_prompt, load_image
+from research.visualglm.processing_visualglm import IMAGE_END, IMAGE_START
 
 DATASET_LOADER = MindFormerModuleType.DATASET_LOADER
 IGNORE_INDEX = -100
@@ -67,12 +72,6 @@ def _image_prefix_length(processor):
     return len(_encode(processor.tokenizer, IMAGE_START)) + processor.image_length
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_lengths(processor, max_source_length, max_target_length, text_config=None):
     """Validate the two length limits; returns the padded seq_length.
 
@@ -81,8 +80,8 @@ def check_lengths(processor, max_source_length, max_target_length, text_config=N
     must be >= 2 (b_ids are cut to max_target_length - 2). With `text_config`, the padded
     length must not exceed its seq_length (the model's static length and rotary table).
     """
-    _positive_int("max_source_length", max_source_length)
-    _positive_int("max_target_length", max_target_length)
+    check_int("max_source_length", max_source_length)
+    check_int("max_target_length", max_target_length)
     prefix = _image_prefix_length(processor)
     if max_source_length - 1 < prefix:
         raise UserInputError(
@@ -121,7 +120,7 @@ def build_training_sample(processor, image, prompt, label, max_source_length, ma
                           text_config, english=False):
     """One fine-tuning sample as upstream FewShotDataset builds it (see the module docstring).
 
-    image: anything VisualGLMImageProcessor takes (path, PIL image, HxWxC uint8 array).
+    image: anything BlipImageProcessor takes (path, PIL image, HxWxC uint8 array).
     prompt / label: strings; the prompt is wrapped as "问：{prompt}\\n答：" ("Q:{prompt}\\nA:"
     with `english`). Returns numpy arrays, L = max_source_length + max_target_length:
       image          float32 [3, S, S]
@@ -138,7 +137,7 @@ def build_training_sample(processor, image, prompt, label, max_source_length, ma
     tokenizer = processor.tokenizer
     before = _encode(tokenizer, IMAGE_START)
     placeholders = [tokenizer.pad_token_id] * processor.image_length
-    after = _encode(tokenizer, IMAGE_END + chat_prompt(prompt, english=english))
+    after = _encode(tokenizer, IMAGE_END + VisualGLMPrompt(english).build_prompt(prompt))
     a_ids = (before + placeholders + after)[:max_source_length - 1]
     b_ids = _encode(tokenizer, label)[:max_target_length - 2]
     input_ids = tokenizer.build_inputs_with_special_tokens(a_ids, b_ids)
@@ -216,13 +215,11 @@ class _SampleLoader:
         check_special_ids(processor.tokenizer, text_config)
         self.shuffle = _bool("shuffle", shuffle)
         self.random_mapping = _bool("random_mapping", random_mapping)
-        self.scale = _positive_int("data_loader.scale", scale)
+        self.scale = check_int("data_loader.scale", scale)
         if self.scale != 1 and not self.random_mapping:
             raise UserInputError(f"data_loader.scale is {scale} but random_mapping is False; scale only "
                                  f"enlarges the dataset with random_mapping: True (as in MindFormers)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise UserInputError(f"the dataset seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("the dataset seed", seed, minimum=0)
         self.english = english
         self.rows = []
         self.source = ""
@@ -390,7 +387,7 @@ class CocoCaptionsDataLoader(_SampleLoader):
             raise UserInputError(f"CocoCaptionsDataLoader prompt must be a non-empty string without special "
                                  f"token text, got {prompt!r}")
         if max_samples is not None:
-            _positive_int("max_samples", max_samples)
+            check_int("max_samples", max_samples)
         if not isinstance(dataset_dir, (str, os.PathLike)) or not os.path.isdir(dataset_dir):
             raise UserInputError(f"data_loader.dataset_dir must be the COCO root folder (holding annotations/ "
                                  f"and {split}/), got {dataset_dir!r}")
@@ -445,28 +442,53 @@ class CocoCaptionsDataLoader(_SampleLoader):
 
 # ---- from the YAML -----------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class TrainDatasetConfig(ModelConfig):
+    """The YAML's `train_dataset`. `batch_size` and `drop_remainder` are the trainer's, which
+    batches the samples (TrainingArguments.from_yaml checks them)."""
+
+    data_loader: Optional[dict] = None
+    max_source_length: Optional[int] = None
+    max_target_length: Optional[int] = None
+    seed: Optional[int] = None
+    batch_size: Optional[int] = None
+    drop_remainder: Optional[bool] = None
+
+    UNSUPPORTED_FIELDS = {
+        "tokenizer": "samples are built with processor.tokenizer, the one the model runs with; "
+                     "remove the field",
+        "input_columns": f"the columns are the model's inputs, {', '.join(COLUMNS)}; remove the field",
+    }
+
+
 def build_train_dataset(yaml_config, processor, text_config, resolve_path=None):
     """The data loader described by the YAML `train_dataset` section.
 
     `yaml_config`: the whole config (its `train_dataset` is used) or the section itself.
     Reads data_loader (type -> class via MindFormers' DATASET_LOADER registry; dataset_dir
     resolved as given, else relative to the repo root), max_source_length, max_target_length
-    and seed (train_dataset.seed, else the top-level seed, else 0). The section's `tokenizer`
-    is not used: samples are built with `processor`'s tokenizer, the one the model runs with.
+    and seed (train_dataset.seed, else the top-level seed, else 0); TrainDatasetConfig checks
+    the section's other fields.
     The padded length max_source_length + max_target_length must fit text_config.seq_length.
     """
     resolve_path = resolve_path or _resolve_repo_path
     if not hasattr(yaml_config, "get"):
         raise UserInputError(f"expected the YAML config (a mapping), got {type(yaml_config).__name__}")
+    source = getattr(yaml_config, "source", None)
+
+    def where(path):
+        return source.where(path) if source is not None else path
+
     section = yaml_config if "data_loader" in yaml_config else yaml_config.get("train_dataset")
     if not hasattr(section, "get"):
         raise UserInputError("the config has no train_dataset section (with data_loader, "
                              "max_source_length, max_target_length)")
-    loader_node = section.get("data_loader")
+    train = TrainDatasetConfig.from_dict(section, "train_dataset", source)
+    loader_node = train.data_loader
     if not hasattr(loader_node, "get"):
         raise UserInputError("train_dataset.data_loader is missing (type, dataset_dir, ...)")
     missing = [f"train_dataset.{name}" for name in ("max_source_length", "max_target_length")
-               if section.get(name) is None]
+               if getattr(train, name) is None]
     missing += [f"train_dataset.data_loader.{name}" for name in ("type", "dataset_dir")
                 if not loader_node.get(name)]
     if missing:
@@ -474,16 +496,16 @@ def build_train_dataset(yaml_config, processor, text_config, resolve_path=None):
     fields = dict(loader_node)
     kind = fields.pop("type")
     fields["dataset_dir"] = resolve_path(fields["dataset_dir"], "train_dataset.data_loader.dataset_dir")
-    seed = section.get("seed")
+    seed = train.seed
     if seed is None:
         seed = yaml_config.get("seed", 0) if section is not yaml_config else 0
     try:
         return build_registered(DATASET_LOADER, kind, processor=processor,
-                                max_source_length=section.get("max_source_length"),
-                                max_target_length=section.get("max_target_length"),
+                                max_source_length=train.max_source_length,
+                                max_target_length=train.max_target_length,
                                 text_config=text_config, seed=seed or 0, **fields)
     except TypeError as err:
-        raise UserInputError(f"train_dataset.data_loader ({kind}): {err}") from err
+        raise UserInputError(f"{where('train_dataset.data_loader')} ({kind}): {err}") from err
 
 
 # ---- MindSpore dataset ---------------------------------------------------------------------------
@@ -511,7 +533,7 @@ def to_generator_dataset(loader, batch_size, drop_remainder=True, epoch=0, colum
     columns; `output_names` renames them (MindFormers' YAML calls position_ids "position_id")."""
     from mindspore.dataset import GeneratorDataset  # only MindFormers-style pipelines need it
 
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     unknown = [name for name in column_names if name not in loader.columns]
     if unknown:
         raise UserInputError(f"unknown sample columns {unknown}; the samples have {list(loader.columns)}")

@@ -6,20 +6,22 @@ style with LoRA from 8 examples (seed 001's fine-tuning steps at toy scale).
 1. writes the synthetic shapes set and its tokenizer (output/demo/data),
 2. trains the tiny VisualGLM on it from random weights (run_visualglm_tiny_finetune.yaml) and
    saves the three checkpoints (output/demo/checkpoints) — first run only, then cached,
-3. measures exact-match accuracy on held-out renders and answers about one of them with
-   run_visualglm.py (run_visualglm_tiny_demo.yaml),
-4. trains LoRA on 8 examples of a new style (run_visualglm_tiny_lora.yaml) and answers with
-   run_visualglm_with_lora.py.
+3. measures exact-match accuracy on held-out renders and answers about one of them as
+   run_visualglm.py does (run_visualglm_tiny_demo.yaml),
+4. trains LoRA on 8 examples of a new style (run_visualglm_tiny_lora.yaml) and answers as
+   run_visualglm_with_lora.py does.
 """
 import argparse
 import json
 import os
 import shutil
 
+from research.common.checkpoint import latest_checkpoint
 from research.common.config import REPO_ROOT
 from research.common.runtime import cli_main
-from research.visualglm import (run_visualglm, run_visualglm_finetune, run_visualglm_with_lora,
-                                synthetic_data)
+from research.visualglm import synthetic_data
+from research.visualglm.finetune import finetune
+from research.visualglm.inference import load_visualglm
 
 DEMO_DIR = os.path.join(REPO_ROOT, "output", "demo")
 DATA_DIR = os.path.join(DEMO_DIR, "data")
@@ -41,7 +43,7 @@ def ensure_trained(retrain=False):
         return
     shutil.rmtree(os.path.join(DEMO_DIR, "train"), ignore_errors=True)
     print("training the tiny VisualGLM on the synthetic shapes (first run only)...")
-    trainer, history = run_visualglm_finetune.main(["--config", "run_visualglm_tiny_finetune.yaml"])
+    trainer, history = finetune("run_visualglm_tiny_finetune.yaml")
     trainer.network.model.save_checkpoints(*CHECKPOINTS.values())
     print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} in {len(history)} steps; "
           f"loss curve: {os.path.join(trainer.output_dir, 'loss.png')}")
@@ -58,15 +60,10 @@ def held_out(count=None):
 def exact_match_accuracy(config="run_visualglm_tiny_demo.yaml", rows=None, batch_size=50):
     """Share of held-out images whose greedy answer equals the template label exactly."""
     rows = rows or held_out()
-    args = argparse.Namespace(config=config, device_id=0, use_past=True, seq_length=None,
-                              do_sample=False, top_k=None, top_p=None)
-    config, model, processor, _, _ = run_visualglm.build_visualglm(args)
-    settings = run_visualglm.generation_settings(config, processor.tokenizer, max_new_tokens=20)
-    answers = []
-    for first in range(0, len(rows), batch_size):
-        batch = rows[first:first + batch_size]
-        answers += run_visualglm.answer(model, processor, config,
-                                        [(row["img"], row["prompt"]) for row in batch], settings)[1]
+    chat = load_visualglm(config, use_past=True, do_sample=False)
+    replies = chat.answer([(row["img"], row["prompt"]) for row in rows], batch_size=batch_size,
+                          max_new_tokens=20)
+    answers = [reply.answer for reply in replies]
     correct = sum(answer == row["label"] for answer, row in zip(answers, rows))
     return correct / len(rows), answers
 
@@ -76,7 +73,7 @@ def ensure_lora(retrain=False):
         return
     shutil.rmtree(os.path.join(DEMO_DIR, "lora"), ignore_errors=True)
     print("teaching a new answer style with LoRA (8 examples)...")
-    run_visualglm_finetune.main(["--config", "run_visualglm_tiny_lora.yaml"])
+    finetune("run_visualglm_tiny_lora.yaml")
 
 
 @cli_main
@@ -91,17 +88,17 @@ def main(argv=None):
     accuracy, answers = exact_match_accuracy(rows=rows)
     print(f"held-out accuracy: {accuracy:.1%} exact answers on {len(rows)} images never seen "
           f"in training")
-    image = rows[0]["img"]
+    image, prompt = rows[0]["img"], rows[0]["prompt"]
     print(f"\nrun_visualglm.py on {os.path.relpath(image, REPO_ROOT)} "
           f"(expected: {rows[0]['label']}):")
-    run_visualglm.main(["--config", "run_visualglm_tiny_demo.yaml", "--image_path", image,
-                        "--prompt", rows[0]["prompt"]])
+    chat = load_visualglm("run_visualglm_tiny_demo.yaml")
+    print([reply.prompt + reply.answer for reply in chat.answer([(image, prompt)])])
     ensure_lora(args.retrain)
     print(f"\nrun_visualglm_with_lora.py on the same image "
           f"(style: {synthetic_data.STYLE_TEMPLATE}):")
-    run_visualglm_with_lora.main(["--lora_checkpoint", LORA_DIR, "--config",
-                                  "run_visualglm_tiny_lora.yaml", "--image_path", image,
-                                  "--prompt", rows[0]["prompt"], "--use_past", "True"])
+    chat = load_visualglm("run_visualglm_tiny_lora.yaml", use_past=True,
+                          lora_checkpoint=latest_checkpoint(LORA_DIR))
+    print([reply.answer for reply in chat.answer([(image, prompt)])])
     return accuracy
 
 

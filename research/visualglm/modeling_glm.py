@@ -11,23 +11,19 @@ What makes GLM-6B different from a GPT (DESIGN.md §4):
 - fused query_key_value laid out contiguously as [Q | K | V] (SAT's layout; the HF
   per-head layout is permuted by the weight converter).
 
-The KV cache has two forms that share one code path (`write_cache`):
-- in place, for generation: `GLMWithKVCache` owns one [batch, heads, length, head_dim]
-  Parameter per layer; the prompt and then each new token are scattered into it and never
-  copied, so a decode step reads the weights and the cache once (see benchmarks/visualglm_perf.py);
-- functional, for the exported MindIR graphs: `key_cache`/`value_cache` [layers, batch, heads,
-  seq_length, head_dim] go in and come out as graph inputs/outputs.
+The KV cache is research.common.kv_cache's: the in-place cache for generation, stacked caches
+as graph inputs/outputs for the exported MindIR graphs; GLM-6B caches all its heads.
 Every shape is static, so GRAPH mode compiles each prompt bucket and the decode step once.
 """
 import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.errors import UserInputError
-from research.common.generation import next_power_of_two
+from research.common.kv_cache import InGraphCausalLM, cache_slot_indices, write_cache
 from research.common.layers import LayerNormFP32, SkinnyDense, ms_dtype
 from research.visualglm.configuration_glm import GLMConfig
 
@@ -64,6 +60,7 @@ class GLMAttention(nn.Cell):
         self.softmax_dtype = ms_dtype(config.softmax_compute_type)
         # q @ k^T without materialising k^T (a transpose of the whole cache per step)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.attention_dropout = nn.Dropout(p=config.attention_dropout_rate)
 
     def _split_heads(self, x):
         batch, length, _ = x.shape
@@ -97,28 +94,11 @@ class GLMAttention(nn.Cell):
         scores = self.scores_matmul(query / self.norm_factor, key)
         scores = scores.astype(self.softmax_dtype) * self.coeff
         scores = ops.select(attend, scores, ops.full_like(scores, MASKED_SCORE))
-        probs = ops.softmax(scores, axis=-1).astype(value.dtype)
+        probs = self.attention_dropout(ops.softmax(scores, axis=-1)).astype(value.dtype)
         context = ops.matmul(probs, value).transpose(0, 2, 1, 3)
         batch, length = context.shape[0], context.shape[1]
         output = self.dense(context.reshape(batch, length, self.num_heads * self.head_dim))
         return output, key, value
-
-
-def cache_slot_indices(batch, heads, length, cache_index):
-    """Scatter indices [B,heads,S,3] of slots cache_index..cache_index+S-1 (built once per forward)."""
-    slots = ops.arange(length, dtype=ms.int32) + cache_index
-    return ops.stack(ops.meshgrid(ops.arange(batch, dtype=ms.int32),
-                                  ops.arange(heads, dtype=ms.int32), slots, indexing="ij"), axis=-1)
-
-
-def write_cache(cache, new, cache_slots):
-    """Write new [B,heads,S,d] into cache [B,heads,T,d] at `cache_slots`.
-
-    A Parameter cache is updated in place (ScatterNdUpdate: only S slots are written); a
-    tensor cache (the exported graphs) gets a new tensor. Returns the cache after the write."""
-    if isinstance(cache, Parameter):
-        return ops.scatter_nd_update(cache, cache_slots, new)
-    return ops.tensor_scatter_update(cache, cache_slots, new)
 
 
 class GLMMLP(nn.Cell):
@@ -145,14 +125,16 @@ class GLMBlock(nn.Cell):
         self.post_attention_layernorm = LayerNormFP32((config.hidden_size,), epsilon=eps)
         self.mlp = GLMMLP(config)
         self.alpha = math.sqrt(2 * config.num_layers)
+        # SAT's output dropout, after the attention's and the MLP's output projections
+        self.hidden_dropout = nn.Dropout(p=config.hidden_dropout_rate)
 
     def construct(self, hidden, rope, attend, key_cache=None, value_cache=None, cache_slots=None):
         attention_input = self.input_layernorm(hidden)
         attention_output, key, value = self.attention(
             attention_input, rope, attend, key_cache, value_cache, cache_slots)
-        hidden = attention_input * self.alpha + attention_output
+        hidden = attention_input * self.alpha + self.hidden_dropout(attention_output)
         mlp_input = self.post_attention_layernorm(hidden)
-        return mlp_input * self.alpha + self.mlp(mlp_input), key, value
+        return mlp_input * self.alpha + self.hidden_dropout(self.mlp(mlp_input)), key, value
 
 
 class GLMModel(nn.Cell):
@@ -166,6 +148,7 @@ class GLMModel(nn.Cell):
             config.vocab_size, config.hidden_size, dtype=ms.int32)
         if config.param_init_type != "float32":
             self.word_embeddings.embedding_table.set_dtype(ms_dtype(config.param_init_type))
+        self.embedding_dropout = nn.Dropout(p=config.embedding_dropout_prob)
         self.layers = nn.CellList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = LayerNormFP32((config.hidden_size,), epsilon=config.layernorm_epsilon)
         cos, sin = rotary_tables(config.seq_length + 1, config.head_dim // 2, config.rotary_base)
@@ -186,7 +169,7 @@ class GLMModel(nn.Cell):
         """position_ids [B,2,S] (positions, block positions); attention_mask [B,1,S,T], 1 = attend."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        hidden = inputs_embeds.astype(self.compute_dtype)
+        hidden = self.embedding_dropout(inputs_embeds.astype(self.compute_dtype))
         cos, sin = self._rope(position_ids[:, 0])
         block_cos, block_sin = self._rope(position_ids[:, 1])
         rope = (cos, sin, block_cos, block_sin)
@@ -203,14 +186,15 @@ class GLMModel(nn.Cell):
                 hidden, key, value = layer(hidden, rope, attend, key_cache[i], value_cache[i], cache_slots)
             keys += (key,)
             values += (value,)
-        if isinstance(key_cache, tuple):  # GLMWithKVCache's Parameters, already written in place
+        if isinstance(key_cache, tuple):  # CachedDecoder's Parameters, already written in place
             return self.final_layernorm(hidden), None, None
         return self.final_layernorm(hidden), ops.stack(keys), ops.stack(values)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class GLMForConditionalGeneration(nn.Cell):
-    """GLM-6B with its LM head: logits and the KV cache for the generation loop.
+class GLMForConditionalGeneration(InGraphCausalLM, nn.Cell):
+    """GLM-6B with its LM head: logits and the KV cache for the generation loop (which drives
+    it through InGraphCausalLM's prefill/decode/forward).
 
     construct(input_ids, position_ids, attention_mask, inputs_embeds=None, key_cache=None,
     value_cache=None, cache_index=None, logits_index=None) -> (logits, key_cache, value_cache)
@@ -227,7 +211,11 @@ class GLMForConditionalGeneration(nn.Cell):
                                 dtype=ms_dtype(config.param_init_type))
         if config.compute_dtype != "float32":
             self.lm_head.to_float(ms_dtype(config.compute_dtype))
-        self._cached_forwards = {}  # a dict, so the caches are not parameters of this cell
+
+    def kv_cache_layout(self):
+        """(layers, cached heads, head dim, dtype): GLM-6B caches every attention head."""
+        config = self.config
+        return config.num_layers, config.num_heads, config.head_dim, ms_dtype(config.compute_dtype)
 
     def embed_tokens(self, input_ids):
         """Token embeddings in the compute dtype (VisualGLM splices image embeddings into these)."""
@@ -243,17 +231,6 @@ class GLMForConditionalGeneration(nn.Cell):
         logits = self.lm_head(hidden).astype(ms.float32)
         return logits, keys, values
 
-    def cached_forward(self, batch_size, min_length):
-        """A forward with its own in-place KV cache of >= min_length slots (research.common.
-        generation uses it). Lengths are rounded up to a power of two (at most seq_length) so
-        that a few cache sizes, each compiled once, serve every request; the last one is kept."""
-        length = min(self.config.seq_length, next_power_of_two(min_length))
-        key = (batch_size, length)
-        if key not in self._cached_forwards:
-            self._cached_forwards.clear()  # free the previous cache before allocating
-            self._cached_forwards[key] = GLMWithKVCache(self, batch_size, length)
-        return self._cached_forwards[key]
-
     def generation_inputs(self, input_ids, pad_lengths):
         """2D position ids [B,2,S] and attention mask [B,1,S,S] for the whole padded sequence.
 
@@ -263,34 +240,6 @@ class GLMForConditionalGeneration(nn.Cell):
         bidirectional attention within the context, causal after it, padding never attended.
         """
         return glm_positions_and_mask(input_ids, pad_lengths, self.config)
-
-
-class GLMWithKVCache(nn.Cell):
-    """The GLM writing into its own KV cache: one Parameter [B, heads, length, head_dim] per
-    layer, never copied. construct(input_ids [B,S], position_ids [B,2,S], attention_mask
-    [B,1,S,length], inputs_embeds, cache_index, logits_index) -> logits [B,V]: the S tokens go
-    to slots cache_index.. (the prompt at 0, then one token per step)."""
-
-    def __init__(self, model: GLMForConditionalGeneration, batch_size, length):
-        super().__init__()
-        self.model = model
-        config = model.config
-        self.length = length
-        shape = (batch_size, config.num_heads, length, config.head_dim)
-        dtype = ms_dtype(config.compute_dtype)
-
-        def caches(kind):
-            return ParameterTuple(
-                Parameter(Tensor(np.zeros(shape), dtype), name=f"{kind}_cache.{i}", requires_grad=False)
-                for i in range(config.num_layers))
-
-        self.key_cache = caches("key")
-        self.value_cache = caches("value")
-
-    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index):
-        outputs = self.model(input_ids, position_ids, attention_mask, inputs_embeds,
-                             self.key_cache, self.value_cache, cache_index, logits_index)
-        return outputs[0].reshape(input_ids.shape[0], -1)
 
 
 def glm_positions_and_mask(input_ids, pad_lengths, config):
@@ -322,3 +271,22 @@ def _find(tokens, token_id, start, name):
         raise UserInputError(
             f"the GLM prompt must contain {name} id {token_id} (GLM prompts end with "
             f"[gMASK] <sop>; got ids {tokens[start:start + 20]}...)") from None
+
+
+def parameter_shapes(config: GLMConfig):
+    """{parameter name: shape} of GLMForConditionalGeneration(config), without allocating it."""
+    hidden, inner = config.hidden_size, config.num_heads * config.head_dim
+    shapes = {"transformer.word_embeddings.embedding_table": (config.vocab_size, hidden)}
+    for i in range(config.num_layers):
+        layer = f"transformer.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{layer}{norm}.gamma"] = shapes[f"{layer}{norm}.beta"] = (hidden,)
+        for name, (rows, cols) in (("attention.query_key_value", (3 * inner, hidden)),
+                                   ("attention.dense", (hidden, inner)),
+                                   ("mlp.dense_h_to_4h", (config.inner_hidden_size, hidden)),
+                                   ("mlp.dense_4h_to_h", (hidden, config.inner_hidden_size))):
+            shapes[f"{layer}{name}.weight"] = (rows, cols)
+            shapes[f"{layer}{name}.bias"] = (rows,)
+    shapes["transformer.final_layernorm.gamma"] = shapes["transformer.final_layernorm.beta"] = (hidden,)
+    shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes

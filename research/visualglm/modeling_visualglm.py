@@ -20,7 +20,7 @@ from research.common.generation import GenerationConfig, generate
 from research.common.layers import ms_dtype
 from research.common.runtime import load_weights
 from research.visualglm.configuration_visualglm import VisualGLMConfig
-from research.visualglm.convert_weight import glm_rows
+from research.visualglm.convert_visualglm import glm_rows
 from research.visualglm.modeling_glm import GLMForConditionalGeneration
 
 

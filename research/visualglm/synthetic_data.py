@@ -24,7 +24,7 @@ function of (count, seed, image_size, test_count, holdout_combinations): the sam
 write byte-identical files.
 
 `build_synthetic_tokenizer(path)` trains a tiny ice_text-style sentencepiece model on exactly
-this text (research.visualglm.tiny_tokenizer), so every label encodes without unknown or
+this text (research.common.testing), so every label encodes without unknown or
 byte-fallback pieces.
 
 CLI: python -m research.visualglm.synthetic_data --output_dir DIR --count N --seed S
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from research.common.errors import UserInputError
-from research.visualglm.tiny_tokenizer import train_tiny_ice_text_model
+from research.common.testing import train_tiny_ice_text_model
 
 PROMPT = "这张图片里有什么？"
 LABEL_TEMPLATE = "一个{colour}的{shape}，背景是{background}。"
@@ -76,7 +76,7 @@ def corpus():
 
 def build_synthetic_tokenizer(path, sentences=None):
     """Train a tiny ice_text-style tokenizer on `sentences` (default: `corpus()`) and write it to
-    `path`; returns the absolute path. Special ids as tiny_tokenizer lays them out: unk 0,
+    `path`; returns the absolute path. Special ids as research.common.testing lays them out: unk 0,
     pad 3, [MASK] 4, [gMASK] 5, <sop> 8, <eop> 9; byte fallback keeps any other text encodable."""
     return train_tiny_ice_text_model(path, corpus() if sentences is None else list(sentences))
 

@@ -1,6 +1,6 @@
 """Tiny data-parallel training run used by tests/test_parallel_launch.py.
 
-Launched N times by research/run_singlenode.sh (msrun on CPU), each rank trains a
+Launched N times by run_singlenode.sh (msrun on CPU), each rank trains a
 fixed-initialised nn.Dense on its share of one fixed global batch of 8 and averages
 gradients with research.common.parallel.gradient_reducer. Run once with
 `--use_parallel False`, the same script trains on the whole batch in one process; the
@@ -72,7 +72,8 @@ def main():
     yaml_config = {
         "use_parallel": args.use_parallel == "True",
         "parallel": {"parallel_mode": 0},
-        "parallel_config": {"data_parallel": args.data_parallel, "model_parallel": 1},
+        "parallel_config": {"data_parallel": args.data_parallel if args.use_parallel == "True" else 1,
+                            "model_parallel": 1},
     }
     context = init_data_parallel(yaml_config)
 

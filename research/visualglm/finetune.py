@@ -1,0 +1,66 @@
+"""VisualGLM fine-tuning as a library call (run_visualglm_finetune.py and the demo use it).
+
+With `text_config.pet_config` (LoRA) only the LoRA matrices train; without it, full fine-tuning
+of the Q-Former and glm_proj, plus the ViT / GLM when `freeze_vision` / `freeze_text` are False.
+"""
+import os
+
+from research.common.errors import UserInputError
+from research.common.parallel import init_data_parallel
+from research.common.runtime import init_context
+from research.common.trainer import Trainer, TrainingArguments
+from research.visualglm.configuration_visualglm import load_visualglm_config
+from research.visualglm.dataset_visualglm import build_train_dataset
+from research.visualglm.modeling_visualglm import (VisualGLMForTraining,
+                                                   VisualGLMImageToTextGeneration, add_glm_lora,
+                                                   select_trainable)
+from research.visualglm.processing_visualglm import build_processor
+
+
+# Top-level YAML fields that fine-tuning reads; each reader checks the fields of its section.
+FINETUNE_FIELDS = ("seed", "context", "model", "processor", "use_parallel", "parallel",
+                   "parallel_config", "train_dataset", "output_dir", "runner_config",
+                   "runner_wrapper", "optimizer", "lr_schedule", "layer_scale", "layer_decay",
+                   "callbacks", "load_checkpoint", "resume_training", "lr_scale")
+
+
+def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs=None,
+             output_dir=None, resume=None):
+    """Train as the YAML says (the keywords override it); returns (trainer, loss history).
+
+    The YAML is checked before the data and the model are loaded. `resume`: True for the
+    latest full checkpoint in output_dir, or a checkpoint path."""
+    if batch_size is not None and batch_size <= 0:
+        raise UserInputError(f"--batch_size must be positive, got {batch_size}")
+    yaml_config, model_config = load_visualglm_config(config)
+    if graph_mode is not None:
+        yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
+    init_context(yaml_config, device_id)
+    parallel = init_data_parallel(yaml_config)
+    overrides = dict(batch_size=batch_size, epochs=epochs, output_dir=output_dir)
+    training = TrainingArguments.from_yaml(yaml_config, **{k: v for k, v in overrides.items() if v is not None})
+    unread = sorted(set(yaml_config) - set(FINETUNE_FIELDS) - {"source"})  # source: the ConfigSource
+    if unread:
+        raise UserInputError(f"{yaml_config.source.where(unread[0])}: not read by fine-tuning; "
+                             f"remove the field")
+    processor = build_processor(yaml_config.get("processor") or {}, model_config.image_length)
+    dataset = build_train_dataset(yaml_config, processor, model_config.text_config)
+    model = VisualGLMImageToTextGeneration(model_config)
+    loaded = model.load_checkpoints()
+    lora = bool(model_config.text_config.pet_config)
+    if lora:
+        add_glm_lora(model, yaml_config.source)
+    trainable = select_trainable(model)
+    if parallel.is_main:
+        count = sum(int(p.size) for p in trainable)
+        print(f"weights loaded: {', '.join(loaded) or 'none (training from random initialisation)'}")
+        print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
+              f"{'LoRA' if lora else 'full fine-tuning'}; rank {parallel.rank} of {parallel.world_size}")
+    network = VisualGLMForTraining(model)
+    network.set_train(True)
+    trainer = Trainer(network, trainable, training, parallel_context=parallel)
+    history = trainer.train(dataset, resume=resume)
+    if parallel.is_main and history:
+        print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
+              f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
+    return trainer, history
