@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SAT := swissarmytransformer==0.4.12
+# pytest-xdist workers; each test file runs in one worker, so its shared fixtures are built once
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow clean
 
@@ -20,10 +22,10 @@ demo: $(INSTALLED)
 	$(PY) -m research.visualglm.demo
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(INSTALLED)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
 
 clean:
 	rm -rf $(VENV) output

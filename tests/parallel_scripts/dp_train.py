@@ -1,4 +1,4 @@
-"""Tiny data-parallel training run used by tests/test_parallel_launch.py.
+"""Tiny data-parallel training run used by tests/common/test_parallel_launch.py.
 
 Launched N times by run_singlenode.sh (msrun on CPU), each rank trains a
 fixed-initialised nn.Dense on its share of one fixed global batch of 8 and averages

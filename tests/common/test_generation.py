@@ -8,7 +8,7 @@ from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
 from research.common.sampling import apply_repetition_penalty, filter_top_k_top_p
 from research.visualglm.modeling_glm import glm_positions_and_mask
-from tests.glm_fixtures import glm_from_state_dict, prompt, random_bodies, sat_state_dict, tiny_glm_config
+from tests.visualglm.glm_fixtures import glm_from_state_dict, prompt, random_bodies, sat_state_dict, tiny_glm_config
 from tests.sat_reference import sat_chatglm_model
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HCCL_TOOLS = os.path.join(REPO_ROOT, "tools", "hccl_tools.py")
 RUN_SINGLENODE = os.path.join(REPO_ROOT, "run_singlenode.sh")
 DP_TRAIN = "tests/parallel_scripts/dp_train.py"

@@ -14,7 +14,7 @@ from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
 from research.visualglm.convert_visualglm import convert_glm_state_dict
 from research.visualglm.modeling_glm import glm_positions_and_mask
-from tests.glm_fixtures import (glm_from_state_dict, prompt, random_bodies, sat_state_dict,
+from tests.visualglm.glm_fixtures import (glm_from_state_dict, prompt, random_bodies, sat_state_dict,
                                 tiny_glm_config)
 from tests.sat_reference import sat_chatglm_model
 

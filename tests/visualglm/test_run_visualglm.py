@@ -137,7 +137,7 @@ def test_mismatched_images_and_prompts(capsys):
 def test_sat_checkpoint_converts_and_runs_with_and_without_kv_cache(tmp_path):
     """A tiny VisualGLM in SAT's key layout -> convert_weight.py -> run_visualglm.py."""
     from research.visualglm import convert_weight
-    from tests.visualglm_fixtures import (sat_visualglm_state_dict, tiny_visualglm_config,
+    from tests.visualglm.visualglm_fixtures import (sat_visualglm_state_dict, tiny_visualglm_config,
                                           write_sat_checkpoint)
 
     state_dict = sat_visualglm_state_dict(tiny_visualglm_config(), seed=4, std=0.3)

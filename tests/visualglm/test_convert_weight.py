@@ -23,7 +23,7 @@ from research.common.qformer import QFormer
 from research.common.vision import EvaViT
 from research.visualglm import convert_weight
 from research.visualglm.modeling_glm import GLMForConditionalGeneration
-from tests.visualglm_fixtures import (SAT_IMAGE_PREFIX, TINY_CONFIG, hf_from_sat,
+from tests.visualglm.visualglm_fixtures import (SAT_IMAGE_PREFIX, TINY_CONFIG, hf_from_sat,
                                       sat_visualglm_state_dict, tiny_visualglm_config,
                                       write_hf_checkpoint, write_sat_checkpoint)
 

@@ -21,7 +21,7 @@ from research.common.lite.graphs import read_graph_inputs
 from research.visualglm import export_lite_model, run_visualglm, run_visualglm_infer_lite as lite
 from research.visualglm.inference import image_prompt_pairs, load_visualglm
 from research.visualglm.lite_visualglm import default_image_encoder_path, load_lite_visualglm
-from tests.test_run_visualglm import EXAMPLE, TINY, write_config
+from tests.visualglm.test_run_visualglm import EXAMPLE, TINY, write_config
 
 SEQ = 48  # text tokens; the GLM graphs hold 48 + 32 image tokens
 PROMPTS = ("描述这张图片。", "这张图片的背景里有什么内容？")
@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     """Converted tiny checkpoints, a YAML naming them, a second image, and the graphs exported
     for batch 1 (full + inc + encoder) and batch 2 (the same)."""
     from research.visualglm import convert_weight
-    from tests.visualglm_fixtures import (sat_visualglm_state_dict, tiny_visualglm_config,
+    from tests.visualglm.visualglm_fixtures import (sat_visualglm_state_dict, tiny_visualglm_config,
                                           write_sat_checkpoint)
 
     root = tmp_path_factory.mktemp("lite")
