@@ -209,18 +209,18 @@ class LogitsRecorder:
         self.generation_inputs, self.token_embeddings = model.generation_inputs, model.token_embeddings
         self.start_cache = model.start_cache
 
-    def _recorded(self, logits):
+    def _recorded(self, logits, argmax):
         self.logits.append(logits)
-        return logits
+        return logits if argmax is None else argmax.of(logits)
 
-    def prefill(self, **inputs):
-        return self._recorded(self.model.prefill(**inputs))
+    def prefill(self, argmax=None, **inputs):
+        return self._recorded(self.model.prefill(**inputs), argmax)
 
-    def decode(self, **inputs):
-        return self._recorded(self.model.decode(**inputs))
+    def decode(self, argmax=None, **inputs):
+        return self._recorded(self.model.decode(**inputs), argmax)
 
     def forward(self, **inputs):
-        return self._recorded(self.model.forward(**inputs))
+        return self._recorded(self.model.forward(**inputs), None)
 
 
 def cosine(a, b):

@@ -17,7 +17,8 @@ import numpy as np
 
 from research.common.errors import UserInputError
 from research.common.kv_cache import bucket_length
-from research.common.sampling import SamplingRule, check_sampling_settings, choose_next_tokens
+from research.common.sampling import (Argmax, SamplingRule, check_sampling_settings, choose_next_tokens,
+                                      history_free_argmax)
 
 
 @runtime_checkable
@@ -42,11 +43,15 @@ class CausalLM(Protocol):
         """Make a KV cache of at least `min_length` slots ready; returns its length T."""
 
     def prefill(self, *, input_ids, position_ids, attention_mask, logits_index,
-                inputs_embeds=None) -> np.ndarray:
-        """Write the prompt [B,P] at cache slots 0..P-1 (mask [B,1,P,T]); logits [B,V] at logits_index [B]."""
+                inputs_embeds=None, argmax: Optional[Argmax] = None) -> np.ndarray:
+        """Write the prompt [B,P] at cache slots 0..P-1 (mask [B,1,P,T]); logits [B,V] at
+        logits_index [B], or with `argmax` the ids [B] it chooses from them (greedy decoding:
+        taken where the logits are, so they need not be copied to the host)."""
 
-    def decode(self, *, input_ids, position_ids, attention_mask, cache_index: int) -> np.ndarray:
-        """One token per row [B,1] written at slot `cache_index` (mask [B,1,1,T]); logits [B,V]."""
+    def decode(self, *, input_ids, position_ids, attention_mask, cache_index: int,
+               argmax: Optional[Argmax] = None) -> np.ndarray:
+        """One token per row [B,1] written at slot `cache_index` (mask [B,1,1,T]); logits [B,V],
+        or the ids [B] `argmax` chooses."""
 
     def forward(self, *, input_ids, position_ids, attention_mask, logits_index,
                 inputs_embeds=None) -> np.ndarray:
@@ -157,28 +162,37 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
         embeds[:, prompt_slots - prompt_embeds.shape[1]:prompt_slots] = prompt_embeds
         return embeds
 
-    def logits_after(step):
-        """Logits [B,V] predicting position step + 1, the tokens up to `step` being in ids."""
-        last = np.full((batch,), step, np.int32)
-        if not config.use_past:
-            return model.forward(input_ids=ids, position_ids=position_ids, attention_mask=mask,
-                                 logits_index=last, inputs_embeds=embeddings(length))
-        if step == prompt_slots - 1:
-            return model.prefill(input_ids=ids[:, :prompt_slots], position_ids=position_ids[..., :prompt_slots],
-                                 attention_mask=mask[..., :prompt_slots, :], logits_index=last,
-                                 inputs_embeds=embeddings(prompt_slots))
-        return model.decode(input_ids=ids[:, step:step + 1], position_ids=position_ids[..., step:step + 1],
-                            attention_mask=mask[..., step:step + 1, :], cache_index=step)
-
-    stop_ids = list(config.stop_token_ids) + ([] if config.eos_token_id is None else [config.eos_token_id])
     prompt_ids = [np.asarray(p, np.int32) for p in prompts]
     rng = np.random.RandomState(config.seed)
+    # Greedy without a penalty: the model takes the argmax (in the graph), so a step copies B
+    # ids to the host, not B x V logits, and builds no history.
+    argmax = history_free_argmax(config)
+
+    def choose(logits, step):
+        generated = [ids[row, prompt_slots:step + 1] for row in range(batch)]
+        return choose_next_tokens(logits, prompt_ids, generated, config, rng)
+
+    def tokens_after(step):
+        """The tokens [B] at position step + 1, the tokens up to `step` being in ids."""
+        last = np.full((batch,), step, np.int32)
+        if not config.use_past:
+            logits = model.forward(input_ids=ids, position_ids=position_ids, attention_mask=mask,
+                                   logits_index=last, inputs_embeds=embeddings(length))
+            return choose(logits, step) if argmax is None else argmax.of(logits)
+        if step == prompt_slots - 1:
+            scores = model.prefill(input_ids=ids[:, :prompt_slots], position_ids=position_ids[..., :prompt_slots],
+                                   attention_mask=mask[..., :prompt_slots, :], logits_index=last,
+                                   inputs_embeds=embeddings(prompt_slots), argmax=argmax)
+        else:
+            scores = model.decode(input_ids=ids[:, step:step + 1], position_ids=position_ids[..., step:step + 1],
+                                  attention_mask=mask[..., step:step + 1, :], cache_index=step, argmax=argmax)
+        return choose(scores, step) if argmax is None else scores
+
+    stop_ids = list(config.stop_token_ids) + ([] if config.eos_token_id is None else [config.eos_token_id])
     finished = np.zeros(batch, bool)
     outputs = [[] for _ in range(batch)]
-    logits = logits_after(prompt_slots - 1)
+    chosen = tokens_after(prompt_slots - 1)
     for step in range(prompt_slots, limit):
-        generated = [ids[row, prompt_slots:step] for row in range(batch)]
-        chosen = choose_next_tokens(logits, prompt_ids, generated, config, rng)
         chosen = np.where(finished, config.pad_token_id, chosen).astype(np.int32)
         ids[:, step] = chosen
         for row in np.flatnonzero(~finished):
@@ -188,6 +202,6 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
         finished |= np.isin(chosen, stop_ids)
         if finished.all() or step + 1 == limit:
             break
-        logits = logits_after(step)
+        chosen = tokens_after(step)
     return outputs
 

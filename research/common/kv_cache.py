@@ -61,11 +61,20 @@ def expand_kv_groups(x, repeats):
     return x.reshape(batch, groups * repeats, length, dim)
 
 
+def argmax_ids(logits, below, temperature):
+    """In-graph `research.common.sampling.Argmax`: ids [B] int32 of the argmax over ids <
+    `below` of logits [B,V] / `temperature` (both graph constants)."""
+    if below < logits.shape[-1]:
+        logits = logits[:, :below]
+    return ops.argmax(logits / temperature, -1).astype(ms.int32)
+
+
 class CachedDecoder(nn.Cell):
     """A decoder writing into its own KV cache of `length` slots.
 
     construct(input_ids [B,S], position_ids [...,S], attention_mask [B,1,S,length],
-    inputs_embeds, cache_index, logits_index) -> logits [B,V]: the S tokens go to slots
+    inputs_embeds, cache_index, logits_index, argmax_below, temperature) -> logits [B,V], or
+    with `argmax_below` the ids [B] `argmax_ids` chooses: the S tokens go to slots
     cache_index.. (the prompt at 0, then one token per step)."""
 
     def __init__(self, model, batch_size, length):
@@ -83,12 +92,16 @@ class CachedDecoder(nn.Cell):
         self.key_cache = caches("key")
         self.value_cache = caches("value")
 
-    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index):
+    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds, cache_index, logits_index,
+                  argmax_below=None, temperature=1.0):
         outputs = self.model(input_ids, position_ids, attention_mask, inputs_embeds,
                              self.key_cache, self.value_cache, cache_index, logits_index)
         # only the logits are read: unpacking the (None) cache outputs would leave isolated
         # side-effect nodes that MindSpore's auto-monad pass warns about
-        return outputs[0].reshape(input_ids.shape[0], -1)
+        logits = outputs[0].reshape(input_ids.shape[0], -1)
+        if argmax_below is None:
+            return logits
+        return argmax_ids(logits, argmax_below, temperature)
 
 
 class InGraphCausalLM:
@@ -116,18 +129,26 @@ class InGraphCausalLM:
             object.__setattr__(self, "cached_decoder", CachedDecoder(self, batch_size, length))
         return length
 
-    def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None):
+    def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None,
+                argmax=None):
         return self.cached_decoder(*_tensors(input_ids, position_ids, attention_mask, inputs_embeds),
-                                   Tensor(0, ms.int32), Tensor(logits_index, ms.int32)).asnumpy()
+                                   Tensor(0, ms.int32), Tensor(logits_index, ms.int32),
+                                   *_argmax_constants(argmax)).asnumpy()
 
-    def decode(self, *, input_ids, position_ids, attention_mask, cache_index):
+    def decode(self, *, input_ids, position_ids, attention_mask, cache_index, argmax=None):
         return self.cached_decoder(*_tensors(input_ids, position_ids, attention_mask, None),
-                                   Tensor(cache_index, ms.int32), None).asnumpy()
+                                   Tensor(cache_index, ms.int32), None, *_argmax_constants(argmax)).asnumpy()
 
     def forward(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None):
         logits, _, _ = self(*_tensors(input_ids, position_ids, attention_mask, inputs_embeds),
                             logits_index=Tensor(logits_index, ms.int32))
         return logits.asnumpy()
+
+
+def _argmax_constants(argmax):
+    """CachedDecoder's (argmax_below, temperature): graph constants, so greedy and sampling
+    runs compile a graph each, once."""
+    return (None, 1.0) if argmax is None else (argmax.below, argmax.temperature)
 
 
 def _tensors(input_ids, position_ids, attention_mask, inputs_embeds):

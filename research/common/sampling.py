@@ -36,6 +36,7 @@ token. Read in swissarmytransformer 0.4.12, sat/generation/sampling_strategies/b
 Filtered ids get -65504, whose probability underflows to exactly 0 in float32, so the filters
 run on the kept ids only, without sorting the vocabulary.
 """
+import dataclasses
 from typing import Literal, Optional, Protocol, Sequence
 
 import numpy as np
@@ -69,6 +70,31 @@ def check_sampling_settings(config: SamplingSettings):
         raise UserInputError(
             f"sampling_rule 'sat' (SAT's BaseStrategy) applies top_p only when top_k > 0: top_p "
             f"{config.top_p} with top_k 0 would be ignored; set top_k > 0 or top_p 1.0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Argmax:
+    """A greedy choice that needs no history: the argmax over ids < `below` of logits /
+    `temperature`. A model takes it where its logits are (in the graph, `argmax_ids`), so
+    only B ids reach the host. The division stays: SAT's greedy divides before its argmax,
+    and float32 rounding can tie two logits that differ by an ulp."""
+
+    below: int
+    temperature: float = 1.0
+
+    def of(self, logits: np.ndarray) -> np.ndarray:
+        """The same choice on the host, from logits [B,V]."""
+        scaled = np.asarray(logits, np.float32)[:, :self.below] / np.float32(self.temperature)
+        return np.argmax(scaled, axis=-1).astype(np.int32)
+
+
+def history_free_argmax(config: SamplingSettings) -> Optional[Argmax]:
+    """The rule's choice as an `Argmax` when it is one (greedy, no repetition penalty: the
+    argmax of `penalised_logits`), else None (the host needs the logits and the history)."""
+    if config.do_sample or config.repetition_penalty != 1.0:
+        return None
+    below = config.valid_vocab_size if config.valid_vocab_size is not None else np.iinfo(np.int32).max
+    return Argmax(below, config.temperature if config.sampling_rule == "sat" else 1.0)
 
 
 def choose_next_tokens(logits: np.ndarray, prompt_ids: Sequence[np.ndarray],

@@ -7,8 +7,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from research.common.generation import CausalLM, GenerationConfig, generate
-from research.common.kv_cache import (InGraphCausalLM, cache_slot_indices, expand_kv_groups,
+from research.common.kv_cache import (InGraphCausalLM, argmax_ids, cache_slot_indices, expand_kv_groups,
                                       write_cache)
+from research.common.sampling import choose_next_tokens, history_free_argmax
 
 VOCAB, HIDDEN, HEADS, GROUPS, HEAD_DIM, LAYERS, SEQ = 48, 32, 4, 2, 8, 2, 32
 
@@ -121,3 +122,61 @@ def test_expand_kv_groups_repeats_each_group_for_consecutive_heads():
     groups = Tensor(np.arange(2 * 3, dtype=np.float32).reshape(1, 2, 3, 1))
     out = expand_kv_groups(groups, 2).asnumpy()[0, :, :, 0]
     assert out.tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("rule", ["hf", "sat"])
+def test_argmax_in_the_graph_is_the_rules_greedy_choice(toy, mode, rule):
+    """prefill/decode with `argmax` return the ids that the rule's greedy choice takes from
+    the logits the same calls return without it (the banned tail of the vocabulary too)."""
+    ids = np.zeros((2, 8), np.int32)
+    ids[0, :6], ids[1, 2:6] = [5, 9, 13, 2, 7, 30], [11, 3, 40, 8]
+    positions, mask = toy.generation_inputs(ids, [0, 2])
+    toy.start_cache(2, 8)
+    prompt = dict(input_ids=ids[:, :6], position_ids=positions[..., :6], attention_mask=mask[..., :6, :],
+                  logits_index=np.array([5, 5], np.int32))
+    step = dict(input_ids=np.array([[3], [4]], np.int32), position_ids=positions[..., 6:7],
+                attention_mask=mask[..., 6:7, :], cache_index=6)
+    logits = toy.prefill(**prompt)
+    banned = int(logits.argmax(-1).max())  # ban the best id of one row at least
+    assert banned > 0
+    config = GenerationConfig(sampling_rule=rule, temperature=0.7, valid_vocab_size=banned)
+    argmax = history_free_argmax(config)
+    history = [np.zeros(0, np.int32)] * 2
+    expected = choose_next_tokens(logits, history, history, config, None)
+    assert expected.tolist() != logits.argmax(-1).tolist()
+    assert toy.prefill(**prompt, argmax=argmax).tolist() == expected.tolist()
+    logits = toy.decode(**step)
+    expected = choose_next_tokens(logits, history, history, config, None)
+    assert toy.decode(**step, argmax=argmax).tolist() == expected.tolist()
+
+
+class ArgmaxIds(nn.Cell):
+    def __init__(self, below, temperature):
+        super().__init__()
+        self.below, self.temperature = below, temperature
+
+    def construct(self, logits):
+        return argmax_ids(logits, self.below, self.temperature)
+
+
+def test_in_graph_argmax_divides_like_sat_before_choosing(mode):
+    """SAT's greedy takes the argmax of logits / temperature: two logits an ulp apart can
+    round to a tie, which goes to the lower id. The graph must divide, not skip it."""
+    rng = np.random.RandomState(0)
+    temperature = np.float32(3.0)
+    for value in rng.uniform(1, 8, 10000).astype(np.float32):
+        higher = np.nextafter(value, np.float32(np.inf))
+        if value / temperature == higher / temperature:
+            break
+    else:
+        raise AssertionError("no float32 pair rounding to a tie")
+    logits = np.zeros((1, 10), np.float32)
+    logits[0, 2], logits[0, 5] = value, higher
+    config = GenerationConfig(sampling_rule="sat", temperature=float(temperature))
+    history = [np.zeros(0, np.int32)]
+    assert choose_next_tokens(logits, history, history, config, None).tolist() == [2]
+    assert np.argmax(logits, -1).tolist() == [5]  # without the division
+    argmax = history_free_argmax(config)
+    assert ArgmaxIds(argmax.below, argmax.temperature)(Tensor(logits)).asnumpy().tolist() == [2]
+    assert argmax.of(logits).tolist() == [2]
+    assert ArgmaxIds(4, 1.0)(Tensor(logits)).asnumpy().tolist() == [2]  # ids >= 4 banned

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopPLogitsWarper)
 
 from research.common.errors import UserInputError
-from research.common.sampling import (check_sampling_settings, choose_next_tokens,
+from research.common.sampling import (check_sampling_settings, choose_next_tokens, history_free_argmax,
                                       next_token_probabilities)
 from tests.sat_reference import _prepare_sat_import
 
@@ -233,3 +233,12 @@ def test_settings_a_rule_would_ignore_are_refused():
         check_sampling_settings(Settings("sat", top_k=0, top_p=0.7))
     with pytest.raises(UserInputError, match="sampling_rule must be one of hf, sat, got 'beam'"):
         check_sampling_settings(Settings("beam"))
+
+
+def test_only_a_history_free_greedy_choice_becomes_an_argmax():
+    assert history_free_argmax(Settings("hf", do_sample=True)) is None
+    assert history_free_argmax(Settings("sat", do_sample=False, repetition_penalty=1.2)) is None
+    hf = history_free_argmax(Settings("hf", do_sample=False, temperature=0.5, valid_vocab_size=100))
+    assert (hf.below, hf.temperature) == (100, 1.0)  # HF's greedy does not divide
+    sat = history_free_argmax(Settings("sat", do_sample=False, temperature=0.5))
+    assert sat.temperature == 0.5 and sat.below >= 2 ** 31 - 1

@@ -167,15 +167,17 @@ class GraphCausalLM:
             self.prefill_seconds = time.perf_counter() - start
         return logits, outputs[1], outputs[2]
 
-    def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None):
+    def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None,
+                argmax=None):
         logits, self.key_cache, self.value_cache = self._run_prefill(
             input_ids, position_ids, attention_mask, logits_index, inputs_embeds)
-        return logits
+        return logits if argmax is None else argmax.of(logits)  # the graphs give logits
 
-    def decode(self, *, input_ids, position_ids, attention_mask, cache_index):
+    def decode(self, *, input_ids, position_ids, attention_mask, cache_index, argmax=None):
         logits, self.key_cache, self.value_cache = self.decode_graph(
             input_ids, position_ids, attention_mask, self.key_cache, self.value_cache, cache_index)
-        return self.decode_graph.numpy(logits).reshape(input_ids.shape[0], -1)
+        logits = self.decode_graph.numpy(logits).reshape(input_ids.shape[0], -1)
+        return logits if argmax is None else argmax.of(logits)
 
     def forward(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None):
         return self._run_prefill(input_ids, position_ids, attention_mask, logits_index, inputs_embeds)[0]
