@@ -13,10 +13,12 @@ TEST_WORKERS ?= 2
 install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml Makefile
+	@echo "installing the pinned dependencies into $(VENV) (MindSpore, MindFormers, torch for the tests; about 4 minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SAT)
 	touch $(INSTALLED)
+	@echo "installed; to run the scripts yourself: source $(VENV)/bin/activate"
 
 demo: $(INSTALLED)
 	$(PY) -m research.visualglm.demo

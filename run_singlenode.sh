@@ -193,14 +193,28 @@ print(s.getsockname()[1])') || { echo "error: $python could not pick a free port
   fi
   echo "no Ascend device: starting $CARD_COUNT CPU processes with msrun ($python -m mindspore.parallel.cluster.run), master port $port"
   echo "logs: $log_dir/worker_<rank>.log and $log_dir/scheduler.log"
+  # msrun's own stderr (its notices, and a traceback when a worker fails) is shown only when
+  # no worker explains the failure with an "error: ..." line of its own
+  local msrun_stderr
+  msrun_stderr=$(mktemp)
   "$python" -m mindspore.parallel.cluster.run --worker_num="$CARD_COUNT" --local_worker_num="$CARD_COUNT" \
     --master_port="$port" --log_dir="$log_dir" --join=True --cluster_time_out="${CLUSTER_TIME_OUT:-600}" \
-    "${words[@]}"
+    "${words[@]}" 2>"$msrun_stderr"
   local status=$?
   if [ "$status" -ne 0 ]; then
+    local reason
+    reason=$(grep -h -m1 '^error: ' "$log_dir"/worker_*.log 2>/dev/null | head -n 1)
+    if [ -n "$reason" ]; then
+      rm -f "$msrun_stderr"
+      echo "error: msrun exited with code $status: ${reason#error: } (logs: $log_dir/worker_*.log)" >&2
+      exit 2
+    fi
+    cat "$msrun_stderr" >&2
+    rm -f "$msrun_stderr"
     echo "error: msrun exited with code $status; see $log_dir/worker_*.log" >&2
     exit "$status"
   fi
+  rm -f "$msrun_stderr"
   echo "all $CARD_COUNT ranks finished; logs in $log_dir"
 }
 

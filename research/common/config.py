@@ -6,12 +6,14 @@ instead of failing later inside MindSpore. Model configs are dataclasses that su
 `ModelConfig`; their annotations are the schema.
 """
 import dataclasses
+import difflib
 import os
 import types
 import typing
 
 import yaml
 from mindformers.tools.register import MindFormerConfig
+from mindformers.tools.register.template import CONFIG_NAME_TO_CLASS, GeneralConfig
 
 from research.common.errors import UserInputError
 
@@ -22,14 +24,34 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
 
 
-def _index_lines(node, prefix=()):
-    """{('a', 'b'): line} for every mapping key of a composed YAML node tree."""
+def repo_path(path):
+    """A path written in a YAML: relative ones are relative to the repository root, so a config
+    names the same files from whichever folder a script starts (command-line paths, by
+    contrast, are relative to the current folder, as the shell completes them)."""
+    return path if not path or os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+
+
+# The top-level fields MindFormers' YAMLs may have, from MindFormers' own config template (its
+# sections and the fields of its general section). Each task refuses those it does not read;
+# any other top-level key is a typo.
+TOP_LEVEL_FIELDS = tuple(sorted(
+    (set(CONFIG_NAME_TO_CLASS) - {GeneralConfig._name})  # pylint: disable=protected-access
+    | {name for name in vars(GeneralConfig) if not name.startswith("_")}))
+
+
+def _index_lines(node, path, prefix=()):
+    """{('a', 'b'): line} for every mapping key of a composed YAML node tree; a key given twice
+    in one mapping is an error (YAML loaders silently keep the last)."""
     index = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            path = prefix + (str(key_node.value),)
-            index[path] = key_node.start_mark.line + 1
-            index.update(_index_lines(value_node, path))
+            keys = prefix + (str(key_node.value),)
+            line = key_node.start_mark.line + 1
+            if keys in index:
+                raise UserInputError(f"{path}:{line}: {'.'.join(keys)} is given twice (first at "
+                                     f"line {index[keys]}); keep one")
+            index[keys] = line
+            index.update(_index_lines(value_node, path, keys))
     return index
 
 
@@ -52,13 +74,19 @@ def load_config(path):
         with open(path, encoding="utf-8") as stream:
             text = stream.read()
         data = yaml.safe_load(text)
-        lines = _index_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        lines = _index_lines(yaml.compose(text, Loader=yaml.SafeLoader), path)
     except OSError as err:
         raise UserInputError(f"cannot read config {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise UserInputError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise UserInputError(f"{path}: expected a YAML mapping at the top level")
+    for key in data:
+        if key not in TOP_LEVEL_FIELDS:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL_FIELDS, n=1)
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else f"MindFormers' top-level fields are {', '.join(TOP_LEVEL_FIELDS)}")
+            raise UserInputError(f"{path}:{lines.get((str(key),), 1)}: unknown top-level field {key!r}; {hint}")
     config = MindFormerConfig(**data)
     config.source = ConfigSource(path, lines)
     return config

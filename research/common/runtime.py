@@ -10,14 +10,16 @@ import mindspore as ms
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.checkpoint import load_params_into_net, read_checkpoint
-from research.common.config import REPO_ROOT, FieldError, ModelConfig, check_int
+from research.common.config import FieldError, ModelConfig, check_int, repo_path
 from research.common.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def cli_main(main):
-    """Run `main()`; a UserInputError prints 'error: ...' and exits with code 2."""
+    """Run `main()`; a UserInputError prints 'error: ...' and exits with code 2, Ctrl-C prints
+    'interrupted' and exits with 130 (the shell's code for SIGINT), neither with a traceback."""
 
     @functools.wraps(main)
     def wrapper(argv=None, **kwargs):
@@ -26,6 +28,9 @@ def cli_main(main):
         except UserInputError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -109,11 +114,12 @@ def init_context(config, device_id=None):
 
 
 def resolve_path(path, what):
-    """A file path from the command line or YAML: as given, else relative to the repo root."""
-    for candidate in (path, os.path.join(REPO_ROOT, path)):
-        if os.path.exists(candidate):
-            return candidate
-    raise UserInputError(f"{what} not found: {path}")
+    """An existing file or folder named in a YAML (relative: to the repository root)."""
+    found = repo_path(path)
+    if os.path.exists(found):
+        return found
+    where = "" if found == path else f" (a relative path in a YAML is relative to the repository root: {found})"
+    raise UserInputError(f"{what} not found: {path}{where}")
 
 
 def build_registered(module_type, name, *args, **kwargs):

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import zipfile
 from typing import Optional, Sequence
 
@@ -120,6 +121,13 @@ def _load_torch_state_dict(path, source_format: SourceFormat):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True,
                                     mmap=zipfile.is_zipfile(path))
     except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if blocked:
+            raise UserInputError(
+                f"refused {path}: loading it would call or build {blocked.group(1)}, which is not "
+                f"a tensor (a pickle that runs code when opened, or holds other objects); only "
+                f"tensors are read from torch files. Save a plain state_dict or safetensors "
+                f"instead") from err
         raise UserInputError(f"cannot read {path} as a PyTorch checkpoint ({_one_line(err)})") from err
     state_dict = None
     if isinstance(checkpoint, dict):
@@ -135,11 +143,8 @@ def _load_torch_state_dict(path, source_format: SourceFormat):
 
 
 def _one_line(err):
-    """The telling line of an exception (torch's weights-only refusals span many lines)."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:  # the reason follows this marker
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """The first line of an exception's text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else 'no details'}"
 
 

@@ -25,12 +25,23 @@ Files under `output_dir` (rank N, checkpoint names `<prefix>_rank_N-<step>.ckpt`
 `checkpoint/rank_N/` the whole training state for `resume` (those parameters, the optimizer's
 moments and global_step, the loss scale, the good-step and bad-step counters, the step and
 the position in the data order); both keep the newest `keep_checkpoint_max`. Rank 0 also
-writes loss.csv (COLUMNS) and loss.png at every checkpoint and at the end.
+writes loss.csv (COLUMNS) and loss.png at every checkpoint (before it, so the rows a resume
+reads are never missing) and at the end.
+
+Run safety: rank N holds `output_dir/.lock_rank_N` while it runs (`output_dir_lock`; deleted at
+the end), so a second run on the same folder is refused, naming the holder, while the ranks of
+one run coexist; a killed run's lock is taken over with a note. A start removes the temp files
+of a save a kill interrupted. A write that fails (disk full, file size limit) stops the run with one
+line naming the file and leaves nothing half written. `resume=True` with nothing saved starts
+at step 0 with a note; a resume names the file and step it continues from.
 """
+import contextlib
 import csv
 import dataclasses
+import functools
 import os
 import re
+import sys
 import time
 from typing import Optional
 
@@ -39,9 +50,9 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindformers.tools.register import MindFormerModuleType
 
-from research.common.atomic import atomic_write
+from research.common.atomic import LockHeld, atomic_write, exclusive_lock, remove_temp_files
 from research.common.checkpoint import read_checkpoint
-from research.common.config import check_value, type_name
+from research.common.config import check_value, repo_path, type_name
 from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from research.common.loss_curve import write_loss_png
@@ -176,6 +187,7 @@ class TrainingArguments:
         lr_schedule = config.get("lr_schedule")
         if lr_schedule:
             values["lr_schedule"] = dict(lr_schedule)
+        values["output_dir"] = repo_path(values.get("output_dir", cls.output_dir))
         values.update(overrides)
         return cls(**values)
 
@@ -377,6 +389,34 @@ def _read_csv(path, up_to_step):
     return [row for row in rows if row["step"] <= up_to_step]
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir, context=None, stream=None):
+    """Hold rank N's lock on `output_dir` (`.lock_rank_N`) for the block.
+
+    Two runs writing one folder would mix their checkpoints and prune each other's files; the
+    ranks of one run each lock their own file. A second run is refused (UserInputError naming
+    the holder); the lock of a killed run is taken over with a note. A run script takes it
+    before loading the model, so a refusal costs nothing; `Trainer.train` takes it again
+    (nested) for callers that did not."""
+    context = context or ParallelContext()
+    path = os.path.join(output_dir, f".lock_rank_{context.rank}")
+    stack = contextlib.ExitStack()
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        previous = stack.enter_context(exclusive_lock(path))
+    except LockHeld as held:
+        raise UserInputError(f"{output_dir} is in use by another run "
+                             f"({held.holder or 'a process that is just starting'}, lock "
+                             f"{path}); wait for it to end or choose another output_dir") from None
+    except OSError as err:
+        raise UserInputError(f"cannot lock {path}: {err.strerror or err}") from err
+    with stack:
+        if previous and context.is_main:
+            print(f"taking over {path} from a run that ended without releasing it ({previous})",
+                  file=stream or sys.stderr)
+        yield
+
+
 class Trainer:
     """Train `trainable_params` of `network` (everything else stays bit-identical)."""
 
@@ -414,18 +454,34 @@ class Trainer:
         self.step_cell.set_train(True)
 
     # ---------------------------------------------------------------- paths
-    def _checkpoint_dir(self, kind):
-        return os.path.join(self.output_dir, kind, f"rank_{self.context.rank}")
+    def _checkpoint_dir(self, kind, rank=None):
+        return os.path.join(self.output_dir, kind, f"rank_{self.context.rank if rank is None else rank}")
 
-    def _checkpoints(self, directory):
-        """[(step, path)] of this rank's checkpoints in `directory`, oldest first."""
-        pattern = re.compile(rf"{re.escape(self.args.prefix)}_rank_{self.context.rank}-(\d+)\.ckpt$")
+    def _checkpoints(self, directory, rank=None):
+        """[(step, path)] of this rank's (or `rank`'s) checkpoints in `directory`, oldest first."""
+        rank = self.context.rank if rank is None else rank
+        pattern = re.compile(rf"{re.escape(self.args.prefix)}_rank_{rank}-(\d+)\.ckpt$")
         found = []
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             match = pattern.match(name)
             if match:
                 found.append((int(match.group(1)), os.path.join(directory, name)))
         return sorted(found)
+
+    def latest_state(self):
+        """The newest training state any rank of this run saved (this rank's file if it has
+        one), or None. The ranks hold identical states, and a kill during a save can leave one
+        rank without the newest file that the others wrote: all must continue from one step."""
+        newest = {}
+        for rank in range(self.context.world_size):
+            for step, path in self._checkpoints(self._checkpoint_dir("checkpoint", rank), rank):
+                if step not in newest or rank == self.context.rank:
+                    newest[step] = path
+        return newest[max(newest)] if newest else None
+
+    def _note(self, text):
+        if self.context.is_main:
+            print(text, file=self.stream or sys.stderr)
 
     # ---------------------------------------------------------------- state
     def _save(self, state):
@@ -437,31 +493,55 @@ class Trainer:
             full[param.name] = param.asnumpy()
         for key in _STATE_KEYS:
             full[f"trainer.{key}"] = np.array(state[key], np.float64 if key == "loss_scale" else np.int64)
+        self._write_logs()  # first: a kill between the two cannot leave loss.csv behind a state
         for kind, params in (("checkpoint_trainable", trainable), ("checkpoint", full)):
             directory = self._checkpoint_dir(kind)
-            save_checkpoint_atomic(params, os.path.join(directory, name))
+            self._write(os.path.join(directory, name), functools.partial(save_checkpoint_atomic, params))
             for _, old in self._checkpoints(directory)[:-max(args.keep_checkpoint_max, 1)]:
                 os.remove(old)
-        self._write_logs()
 
     def _write_logs(self):
         if not self.context.is_main:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
-        _write_csv(os.path.join(self.output_dir, "loss.csv"), self.history)
+        self._write(os.path.join(self.output_dir, "loss.csv"),
+                    functools.partial(_write_csv, rows=self.history))
         applied = [row for row in self.history if not row["skipped"]]
-        write_loss_png(os.path.join(self.output_dir, "loss.png"),
-                       [row["step"] for row in applied], [row["loss"] for row in applied])
+        self._write(os.path.join(self.output_dir, "loss.png"),
+                    functools.partial(write_loss_png, steps=[row["step"] for row in applied],
+                                      losses=[row["loss"] for row in applied]))
 
-    def _restore(self, resume, global_batch):
-        """Load a training-state checkpoint (a file, a directory, or True for the latest)."""
-        path = self._checkpoint_dir("checkpoint") if resume is True else str(resume)
+    def _write(self, path, write):
+        """`write(path)`; a failed write (disk full, file size limit) ends the run in one line.
+        atomic_write has removed the partial file, and the older files are intact."""
+        try:
+            write(path)
+        except OSError as err:
+            latest = self.latest_state()
+            then = (f"the newest complete state, {latest}, continues it with --resume" if latest
+                    else "no training state was saved yet")
+            raise UserInputError(f"could not write {path}: {err.strerror or err}; training "
+                                 f"stopped; {then}") from err
+
+    def _resume_path(self, resume):
+        """The training-state file to continue from (`resume`: a file, a directory, or True for
+        this run's newest state), or None when resume=True finds nothing saved yet."""
+        if resume is True:
+            path = self.latest_state()
+            if path is None:
+                self._note(f"nothing to resume: no {self.args.prefix}_rank_{self.context.rank}-"
+                           f"<step>.ckpt in {self._checkpoint_dir('checkpoint')}; starting at step 0")
+            return path
+        path = str(resume)
         if os.path.isdir(path):
             found = self._checkpoints(path)
             if not found:
                 raise UserInputError(f"nothing to resume from: no {self.args.prefix}_rank_"
                                      f"{self.context.rank}-<step>.ckpt in {path}")
             path = found[-1][1]
+        return path
+
+    def _restore(self, path, global_batch):
+        """Load the training-state checkpoint `path`; returns the trainer's state."""
         saved = read_checkpoint(path, "training-state checkpoint")
         targets = (*self.params, *self.optimizer.moments1, *self.optimizer.moments2,
                    self.optimizer.global_step)
@@ -486,7 +566,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train(self, dataset, resume=None):
-        """Train; returns the loss history (one dict per step with the COLUMNS)."""
+        """Train under the output_dir lock; returns the loss history (one dict per step with
+        the COLUMNS). `resume`: a training-state file or folder, or True for this run's newest
+        state (none saved yet: start at step 0)."""
+        with output_dir_lock(self.output_dir, self.context, self.stream):
+            debris = [*remove_temp_files(self._checkpoint_dir("checkpoint"), r".+\.ckpt"),
+                      *remove_temp_files(self._checkpoint_dir("checkpoint_trainable"), r".+\.ckpt")]
+            if self.context.is_main:
+                debris += remove_temp_files(self.output_dir, r"loss\.(?:csv|png)")
+            if debris:
+                self._note(f"removed {len(debris)} unfinished file(s) of an interrupted save: "
+                           f"{', '.join(debris)}")
+            return self._train(dataset, resume)
+
+    def _train(self, dataset, resume):
         args, context = self.args, self.context
         columns = list(dataset.columns)
         global_batch = args.batch_size * context.world_size
@@ -504,10 +597,12 @@ class Trainer:
         state = dict(step=0, epoch=0, position=0, loss_scale=float(args.loss_scale_value),
                      good_steps=0, bad_steps=0, global_batch=global_batch)
         self.history, saved_step = [], None
-        if resume:
-            state = self._restore(resume, global_batch)
+        path = self._resume_path(resume) if resume else None
+        if path is not None:
+            state = self._restore(path, global_batch)
             self.history = _read_csv(os.path.join(self.output_dir, "loss.csv"), state["step"])
             saved_step = state["step"]
+            self._note(f"resuming at step {saved_step} of {total_steps} from {path}")
         order_epoch, order = None, None
         progress = TrainProgress(total_steps, state["step"], global_batch, self.stream)
         with progress:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from research.common.errors import UserInputError
+from research.common.image_processing import check_image
 from research.common.runtime import cli_main
 from research.visualglm.inference import add_model_arguments, load_from_arguments
 
@@ -45,6 +46,8 @@ def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):
     add_model_arguments(parser)
     parser.add_argument("--image_path", default=None, help="first image (asked for otherwise)")
     args = parser.parse_args(argv)
+    if args.image_path:
+        check_image(args.image_path)  # a typo is reported before the model loads
     chat = load_from_arguments(args)
     settings = chat.generation_config(args.max_new_tokens)
     print(f"device: {chat.device}; {chat.describe_weights()}")

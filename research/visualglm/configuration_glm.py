@@ -10,6 +10,7 @@ from typing import ClassVar, Literal, Optional
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.config import DTYPES, FieldError, ModelConfig, preset
+from research.common.memory import DTYPE_BYTES, DecoderShape, estimate_memory, parameter_count
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -76,6 +77,30 @@ class GLMConfig(ModelConfig):
     def from_name(cls, name):
         """A fresh config of a named preset: one of PRESETS ("glm-6b", "glm-tiny")."""
         return preset(PRESETS, name)
+
+    def decoder_shape(self):
+        """The sizes research.common.memory estimates the KV cache and activations from; the
+        rotary tables have head_dim / 2 columns (2D positions: each half of a head rotates)."""
+        return DecoderShape(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            ffn_hidden_size=self.inner_hidden_size, num_heads=self.num_heads,
+            kv_heads=self.num_heads, head_dim=self.head_dim, vocab_size=self.vocab_size,
+            seq_length=self.seq_length, max_length=self.max_decode_length, use_past=self.use_past,
+            compute_dtype=self.compute_dtype, scores_dtype=self.softmax_compute_type,
+            rotary_width=self.head_dim // 2)
+
+    def parameter_bytes(self):
+        """Bytes of GLMForConditionalGeneration's parameters (LayerNorms counted at the param
+        dtype too: a lower bound), from the shapes alone."""
+        from research.visualglm.modeling_glm import parameter_shapes  # it imports this module
+
+        count = parameter_count(parameter_shapes, self, "num_layers")
+        return count * DTYPE_BYTES[self.param_init_type]
+
+    def memory_estimate(self, batch_size=1):
+        """research.common.memory's lower bound of generating `batch_size` answers at once."""
+        return estimate_memory(self.decoder_shape(), parameter_bytes=self.parameter_bytes(),
+                               batch_size=batch_size)
 
     def validate(self):
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "inner_hidden_size",

@@ -9,8 +9,10 @@ import dataclasses
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from research.common import qformer, vision
 from research.common.config import (DTYPES, FieldError, ModelConfig, load_config, preset,
                                     resolve_config_path)
+from research.common.memory import DTYPE_BYTES, estimate_memory, parameter_count
 from research.common.qformer import QFormerConfig
 from research.common.vision import ViTConfig
 from research.visualglm.configuration_glm import GLMConfig, glm_tiny
@@ -54,6 +56,31 @@ class VisualGLMConfig(ModelConfig):
     def from_name(cls, name):
         """A fresh config of a named preset: one of PRESETS ("visualglm-6b", ...)."""
         return preset(PRESETS, name)
+
+    def memory_estimate(self, batch_size=1, training_length=None):
+        """research.common.memory's lower bound of generating `batch_size` answers at once, or
+        of training on batches of `batch_size` samples padded to `training_length`.
+
+        Trainable in training: the Q-Former and glm_proj, plus the ViT / GLM unless frozen;
+        with LoRA (text_config.pet_config) only the LoRA matrices, counted as nothing."""
+        vit, query, text = self.vision_config, self.qformer_config, self.text_config
+        parts = {
+            "vision": parameter_count(vision.parameter_shapes, vit, "num_hidden_layers")
+            * DTYPE_BYTES[vit.param_init_type],
+            "qformer": parameter_count(qformer.parameter_shapes, query, "num_hidden_layers",
+                                       query.cross_attention_freq)
+            * DTYPE_BYTES[query.param_init_type],
+            "glm_proj": (query.hidden_size + 1) * text.hidden_size * DTYPE_BYTES[self.dtype],
+            "text": text.parameter_bytes(),
+        }
+        trainable = 0
+        if not text.pet_config:
+            frozen = [part for part, flag in (("vision", self.freeze_vision),
+                                              ("text", self.freeze_text)) if flag]
+            trainable = sum(size for part, size in parts.items() if part not in frozen)
+        return estimate_memory(text.decoder_shape(), parameter_bytes=sum(parts.values()),
+                               batch_size=batch_size, training_length=training_length,
+                               trainable_bytes=trainable)
 
     def validate(self):
         if self.qformer_config.encoder_width != self.vision_config.hidden_size:

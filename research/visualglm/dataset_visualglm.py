@@ -37,7 +37,8 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.common.config import ModelConfig, check_int
 from research.common.errors import UserInputError
-from research.common.image_processing import load_image
+from research.common.image_processing import check_image, load_image
+from research.common.progress import Progress
 from research.common.prompts import VisualGLMPrompt
 from research.common.runtime import build_registered, resolve_path as _resolve_repo_path
 from research.visualglm.modeling_glm import glm_positions_and_mask
@@ -225,8 +226,27 @@ class _SampleLoader:
         self.source = ""
 
     def _finish_rows(self):
+        """Every image is decoded once now, so a broken file stops the run before training,
+        with its row, instead of at the step that first draws it."""
         if not self.rows:
             raise UserInputError(f"{self.source}: the dataset contains no samples")
+        first_row = {}
+        for number, (path, _, _) in enumerate(self.rows):
+            first_row.setdefault(path, number)
+        errors = []
+        progress = (Progress(len(first_row), f"checking the images of {self.source}", "images")
+                    if len(first_row) >= 1000 else None)  # a progress line only where it takes a while
+        for path, number in first_row.items():
+            try:
+                check_image(path)
+            except UserInputError as err:
+                errors.append(f"row {number}: {err}")
+            if progress:
+                progress.update()
+        if progress:
+            progress.close()
+        if errors:
+            _raise_collected(self.source, errors, len(self.rows))
 
     def __len__(self):
         return len(self.rows) * self.scale
@@ -466,7 +486,7 @@ def build_train_dataset(yaml_config, processor, text_config, resolve_path=None):
 
     `yaml_config`: the whole config (its `train_dataset` is used) or the section itself.
     Reads data_loader (type -> class via MindFormers' DATASET_LOADER registry; dataset_dir
-    resolved as given, else relative to the repo root), max_source_length, max_target_length
+    relative to the repository root when relative), max_source_length, max_target_length
     and seed (train_dataset.seed, else the top-level seed, else 0); TrainDatasetConfig checks
     the section's other fields.
     The padded length max_source_length + max_target_length must fit text_config.seq_length.

@@ -6,9 +6,10 @@ of the Q-Former and glm_proj, plus the ViT / GLM when `freeze_vision` / `freeze_
 import os
 
 from research.common.errors import UserInputError
+from research.common.memory import check_memory
 from research.common.parallel import init_data_parallel
 from research.common.runtime import init_context
-from research.common.trainer import Trainer, TrainingArguments
+from research.common.trainer import Trainer, TrainingArguments, output_dir_lock
 from research.visualglm.configuration_visualglm import load_visualglm_config
 from research.visualglm.dataset_visualglm import build_train_dataset
 from research.visualglm.modeling_visualglm import (VisualGLMForTraining,
@@ -28,8 +29,10 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
              output_dir=None, resume=None):
     """Train as the YAML says (the keywords override it); returns (trainer, loss history).
 
-    The YAML is checked before the data and the model are loaded. `resume`: True for the
-    latest full checkpoint in output_dir, or a checkpoint path."""
+    The YAML and the data are checked, then output_dir is locked against a second run, before
+    the model is loaded.
+    `resume`: True for the latest full checkpoint in output_dir (none yet: start at step 0),
+    or a checkpoint path."""
     if batch_size is not None and batch_size <= 0:
         raise UserInputError(f"--batch_size must be positive, got {batch_size}")
     yaml_config, model_config = load_visualglm_config(config)
@@ -37,7 +40,8 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
         yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
     init_context(yaml_config, device_id)
     parallel = init_data_parallel(yaml_config)
-    overrides = dict(batch_size=batch_size, epochs=epochs, output_dir=output_dir)
+    overrides = dict(batch_size=batch_size, epochs=epochs,
+                     output_dir=output_dir and os.path.abspath(output_dir))  # a flag: from here
     training = TrainingArguments.from_yaml(yaml_config, **{k: v for k, v in overrides.items() if v is not None})
     unread = sorted(set(yaml_config) - set(FINETUNE_FIELDS) - {"source"})  # source: the ConfigSource
     if unread:
@@ -45,22 +49,26 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
                              f"remove the field")
     processor = build_processor(yaml_config.get("processor") or {}, model_config.image_length)
     dataset = build_train_dataset(yaml_config, processor, model_config.text_config)
-    model = VisualGLMImageToTextGeneration(model_config)
-    loaded = model.load_checkpoints()
-    lora = bool(model_config.text_config.pet_config)
-    if lora:
-        add_glm_lora(model, yaml_config.source)
-    trainable = select_trainable(model)
-    if parallel.is_main:
-        count = sum(int(p.size) for p in trainable)
-        print(f"weights loaded: {', '.join(loaded) or 'none (training from random initialisation)'}")
-        print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
-              f"{'LoRA' if lora else 'full fine-tuning'}; rank {parallel.rank} of {parallel.world_size}")
-    network = VisualGLMForTraining(model)
-    network.set_train(True)
-    trainer = Trainer(network, trainable, training, parallel_context=parallel)
-    history = trainer.train(dataset, resume=resume)
-    if parallel.is_main and history:
-        print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
-              f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
-    return trainer, history
+    check_memory(model_config.memory_estimate(training.batch_size, dataset.seq_length),
+                 yaml_config.source.path)
+    with output_dir_lock(training.output_dir, parallel):  # before the model: a refusal is quick
+        model = VisualGLMImageToTextGeneration(model_config)
+        loaded = model.load_checkpoints()
+        lora = bool(model_config.text_config.pet_config)
+        if lora:
+            add_glm_lora(model, yaml_config.source)
+        trainable = select_trainable(model)
+        if parallel.is_main:
+            count = sum(int(p.size) for p in trainable)
+            resumed = "; --resume replaces the trained ones with the saved state, if any" if resume else ""
+            print(f"weights loaded: {', '.join(loaded) or 'none (random initialisation)'}{resumed}")
+            print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
+                  f"{'LoRA' if lora else 'full fine-tuning'}; rank {parallel.rank} of {parallel.world_size}")
+        network = VisualGLMForTraining(model)
+        network.set_train(True)
+        trainer = Trainer(network, trainable, training, parallel_context=parallel)
+        history = trainer.train(dataset, resume=resume)
+        if parallel.is_main and history:
+            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
+                  f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
+        return trainer, history

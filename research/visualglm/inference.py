@@ -8,6 +8,8 @@ the Lite runner and the benchmarks all call these.
 """
 import argparse
 import dataclasses
+import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -17,12 +19,14 @@ from research.common.config import load_config, resolve_config_path
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
 from research.common.lora import load_lora_checkpoint, merge_lora
+from research.common.memory import check_memory
 from research.common.prompts import VisualGLMPrompt
 from research.common.runtime import (MODELS, add_generation_arguments, build_registered,
-                                     init_context, load_weights, str2bool)
+                                     init_context, load_weights, resolve_path, str2bool)
 from research.visualglm.configuration_glm import GLMConfig
 from research.visualglm.configuration_visualglm import load_visualglm_config
-from research.visualglm.modeling_visualglm import VisualGLMImageToTextGeneration, add_glm_lora
+from research.visualglm.modeling_visualglm import (VisualGLMImageToTextGeneration, add_glm_lora,
+                                                   checkpoint_paths)
 from research.visualglm.processing_visualglm import build_processor, build_tokenizer
 
 DEFAULT_CONFIG = "run_visualglm_6b_image_to_text_generation.yaml"
@@ -64,6 +68,9 @@ def image_prompt_pairs(images: Optional[Sequence[str]], prompts: Optional[Sequen
     prompts = list(prompts or [DEFAULT_PROMPT])
     if len(prompts) == 1 and len(images) > 1 and len(prompts[0].split(",")) == len(images):
         prompts = prompts[0].split(",")
+        print(f"note: the one --prompt was split at its commas into {len(prompts)} questions, one "
+              f"per image, as MindFormers' script does; repeat --prompt to keep a comma in a "
+              f"question", file=sys.stderr)
     if len(prompts) == 1:
         prompts = prompts * len(images)
     if len(prompts) != len(images):
@@ -100,18 +107,20 @@ def visualglm_parser(description, default_config=DEFAULT_CONFIG):
     return parser
 
 
-def load_from_arguments(args, lora_checkpoint=None):
+def load_from_arguments(args, lora_checkpoint=None, inputs=None):
     """load_visualglm with the flags of add_model_arguments."""
     return load_visualglm(args.config, device_id=args.device_id, seq_length=args.seq_length,
                           use_past=args.use_past, do_sample=args.do_sample, top_k=args.top_k,
-                          top_p=args.top_p, lora_checkpoint=lora_checkpoint)
+                          top_p=args.top_p, lora_checkpoint=lora_checkpoint, inputs=inputs,
+                          english=args.english,
+                          batch_size=min(args.batch_size, len(inputs)) if inputs else 1)
 
 
 def pairs_and_model_from_arguments(args, lora_checkpoint=None):
     """The --image_path/--prompt pairs and the model of a script's flags (visualglm_parser);
-    the pairs are read first, so bad input is reported before the model loads."""
+    the pairs are checked before any weights are read."""
     pairs = image_prompt_pairs(args.image_path, args.prompt)
-    return pairs, load_from_arguments(args, lora_checkpoint=lora_checkpoint)
+    return pairs, load_from_arguments(args, lora_checkpoint=lora_checkpoint, inputs=pairs)
 
 
 def in_batches(items, batch_size):
@@ -189,13 +198,18 @@ class VisualGLMImageToTextGenerationPipeline:
 
 
 def load_visualglm(config=DEFAULT_CONFIG, *, device_id=0, seq_length=None, use_past=None,
-                   do_sample=None, top_k=None, top_p=None, lora_checkpoint=None) -> VisualGLMChat:
+                   do_sample=None, top_k=None, top_p=None, lora_checkpoint=None, inputs=None,
+                   english=False, batch_size=1) -> VisualGLMChat:
     """VisualGLM from a YAML (path or a name in configs/visualglm/) with its checkpoints.
 
     `seq_length` is the text length as in MindFormers (the GLM's static length is it plus the
     32 image tokens); the other keywords override the YAML when given. With `lora_checkpoint`
     (a trainable-only checkpoint from fine-tuning), LoRA as `text_config.pet_config` describes
-    it is added to the GLM and loaded from that file.
+    it is added to the GLM and loaded from that file. `inputs`, (image, question) pairs to be
+    answered (with the `english` prompt), are checked together with every checkpoint path
+    before the model is built: a bad image, a prompt longer than seq_length or a missing file
+    is reported without waiting for a 6B model to load. A model that cannot fit in memory
+    when answering `batch_size` pairs at once is refused before anything is allocated.
     """
     yaml_config, model_config = load_visualglm_config(config)
     device = init_context(yaml_config, device_id)
@@ -209,23 +223,32 @@ def load_visualglm(config=DEFAULT_CONFIG, *, device_id=0, seq_length=None, use_p
             setattr(text, field, value)
     text.validate()
     model_config.validate()
-    model = VisualGLMImageToTextGeneration(model_config)
-    model.set_train(False)
-    loaded = model.load_checkpoints()
-    if lora_checkpoint:
-        if not text.pet_config:
-            raise UserInputError(f"{yaml_config.source.path}: text_config.pet_config is not set; it "
-                                 f"must describe the LoRA that {lora_checkpoint} was trained with")
-        add_glm_lora(model, yaml_config.source)
-        load_lora_checkpoint(model, read_checkpoint(lora_checkpoint, "LoRA checkpoint"),
-                             f"LoRA checkpoint {lora_checkpoint}")
-        loaded.append("LoRA checkpoint")
+    check_memory(model_config.memory_estimate(batch_size), yaml_config.source.path)
     processor = build_processor(yaml_config.get("processor") or {}, model_config.image_length)
     if processor.image_processor.image_size != model_config.vision_config.image_size:
         raise UserInputError(
             f"processor.image_processor.image_size ({processor.image_processor.image_size}) must "
             f"equal vision_config.image_size ({model_config.vision_config.image_size})")
     check_special_ids(text, processor.tokenizer)
+    if inputs:
+        processor([image for image, _ in inputs], [query for _, query in inputs], english=english,
+                  max_length=text.seq_length)
+    if lora_checkpoint and not text.pet_config:
+        raise UserInputError(f"{yaml_config.source.path}: text_config.pet_config is not set; it "
+                             f"must describe the LoRA that {lora_checkpoint} was trained with")
+    if lora_checkpoint and not os.path.exists(lora_checkpoint):
+        raise UserInputError(f"LoRA checkpoint not found: {lora_checkpoint}")
+    for what, path in checkpoint_paths(model_config):
+        if path:
+            resolve_path(path, what)
+    model = VisualGLMImageToTextGeneration(model_config)
+    model.set_train(False)
+    loaded = model.load_checkpoints()
+    if lora_checkpoint:
+        add_glm_lora(model, yaml_config.source)
+        load_lora_checkpoint(model, read_checkpoint(lora_checkpoint, "LoRA checkpoint"),
+                             f"LoRA checkpoint {lora_checkpoint}")
+        loaded.append("LoRA checkpoint")
     return VisualGLMChat(model_config, yaml_config, model, processor, loaded, device)
 
 
@@ -265,6 +288,7 @@ def load_glm(config=DEFAULT_GLM_CONFIG, *, device_id=0, seq_length=None, use_pas
     if checkpoint is not None:
         glm_config.checkpoint_name_or_path = checkpoint
     glm_config.validate()
+    check_memory(glm_config.memory_estimate(), config_path)
     arch = (model_node.get("arch") or {}).get("type", "GLMForConditionalGeneration")
     model = build_registered(MODELS, arch, glm_config)
     model.set_train(False)

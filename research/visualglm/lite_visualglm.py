@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 
 from research.common.checkpoint import read_checkpoint
-from research.common.config import REPO_ROOT
+from research.common.config import repo_path
 from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from research.common.generation import generate
@@ -78,8 +78,8 @@ def graph_inputs(path, kind):
 
 def export_visualglm_graphs(chat, output_dir, batch_size, use_past, rank=0):
     """Write the graphs of a loaded VisualGLM (research.visualglm.inference.load_visualglm);
-    returns {kind: path}. With no GLM checkpoint it also writes the random word embeddings the
-    graphs were exported with as glm_6b_for_lite.ckpt in `output_dir` (returned as "lite")."""
+    returns {kind: path}. The word embeddings the graphs were exported with go beside the full
+    graph as glm_6b_for_lite.ckpt (returned as "lite"), where the runner looks first."""
     config, model = chat.config, chat.model
     text = config.text_config
     paths = graph_paths(output_dir, batch_size, text.seq_length - config.image_length, rank)
@@ -91,10 +91,9 @@ def export_visualglm_graphs(chat, output_dir, batch_size, use_past, rank=0):
         cells["inc"] = (DecodeGraph(model.llm_model), inputs["inc"])
     cells["image_encoder"] = (model.image_encoder, (ms.Tensor(np.zeros((batch_size, 3, size, size), np.float32)),))
     written = {kind: export_cell(cell, example, paths[kind]) for kind, (cell, example) in cells.items()}
-    if not text.checkpoint_name_or_path:
-        written["lite"] = os.path.join(output_dir, LITE_CHECKPOINT)
-        table = model.llm_model.transformer.word_embeddings.embedding_table.asnumpy()
-        save_checkpoint_atomic({LITE_PARAMETER: table}, written["lite"])
+    written["lite"] = os.path.join(os.path.dirname(written["full"]), LITE_CHECKPOINT)
+    table = model.llm_model.transformer.word_embeddings.embedding_table.asnumpy()
+    save_checkpoint_atomic({LITE_PARAMETER: table}, written["lite"])
     return written
 
 
@@ -166,29 +165,29 @@ def ge_config_path(path):
     raise UserInputError(f"--ge_config not found: {path}")
 
 
-def lite_checkpoint_path(lite_checkpoint, text_config):
-    """glm_6b_for_lite.ckpt: the one given, the YAML's GLM checkpoint if it is that file, or the
-    file beside the YAML's GLM checkpoint."""
+def lite_checkpoint_path(lite_checkpoint, text_config, full_model_path):
+    """glm_6b_for_lite.ckpt: the one given (--lite_checkpoint), else the one the export wrote
+    beside the full graph (the embeddings those graphs were exported with), else the YAML's GLM
+    checkpoint if it is that file (seed 001) or the file beside it (where convert_weight.py
+    writes it)."""
     if lite_checkpoint:
-        path, origin = lite_checkpoint, "--lite_checkpoint"
-    else:
-        glm = text_config.checkpoint_name_or_path
-        if not glm:
-            raise UserInputError(f"no {LITE_CHECKPOINT}: the YAML's text_config.checkpoint_name_or_path "
-                                 f"is empty; pass --lite_checkpoint (convert_weight.py writes the file "
-                                 f"beside the GLM checkpoint; export_lite_model.py writes one for "
-                                 f"random weights)")
-        if os.path.basename(glm) == LITE_CHECKPOINT:
-            path, origin = glm, "the YAML's text_config.checkpoint_name_or_path"
-        else:
-            path = os.path.join(os.path.dirname(glm), LITE_CHECKPOINT)
-            origin = f"beside the YAML's GLM checkpoint {glm}"
-    for candidate in (path, os.path.join(REPO_ROOT, path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise UserInputError(f"{LITE_CHECKPOINT} (the GLM word embeddings for Lite) not found: {path} "
-                         f"({origin}); convert_weight.py writes it beside the GLM checkpoint, or "
-                         f"pass --lite_checkpoint")
+        if not os.path.isfile(lite_checkpoint):
+            raise UserInputError(f"{LITE_CHECKPOINT} (the GLM word embeddings for Lite) not found: "
+                                 f"{lite_checkpoint} (--lite_checkpoint)")
+        return lite_checkpoint
+    candidates = [(os.path.join(os.path.dirname(full_model_path), LITE_CHECKPOINT), "beside the full graph")]
+    glm = text_config.checkpoint_name_or_path
+    if glm:
+        path = repo_path(glm if os.path.basename(glm) == LITE_CHECKPOINT
+                         else os.path.join(os.path.dirname(glm), LITE_CHECKPOINT))
+        candidates.append((path, "from the YAML's text_config.checkpoint_name_or_path"))
+    for path, _ in candidates:
+        if os.path.isfile(path):
+            return path
+    looked = "; ".join(f"{path} ({origin})" for path, origin in candidates)
+    raise UserInputError(f"{LITE_CHECKPOINT} (the GLM word embeddings for Lite) not found: looked for "
+                         f"{looked}; export_lite_model.py writes it beside the full graph, "
+                         f"convert_weight.py beside the GLM checkpoint; or pass --lite_checkpoint")
 
 
 def read_embedding_table(path):
@@ -304,7 +303,7 @@ def load_lite_visualglm(config, full_model_path, *, inc_model_path=None, image_e
     model_config.validate()
     processor = build_processor(yaml_config.get("processor") or {}, model_config.image_length)
     check_special_ids(text, processor.tokenizer)
-    table = read_embedding_table(lite_checkpoint_path(lite_checkpoint, text))
+    table = read_embedding_table(lite_checkpoint_path(lite_checkpoint, text, graphs["full"].path))
     chosen, runtime_line = select_runtime(runtime, ge_config, device_id)
     model = LiteVisualGLM(model_config, processor, graphs, table, runtime_line)
     if isinstance(chosen, GraphCellRuntime):

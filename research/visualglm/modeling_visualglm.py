@@ -77,6 +77,15 @@ def splice_prompt_embeddings(prompts, pre_image_lengths, image_embeds, embed_tok
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
+def checkpoint_paths(config: VisualGLMConfig):
+    """(what, path) of the three converted checkpoints a config names, in loading order."""
+    return [("ViT checkpoint (vision_config.checkpoint_name_or_path)",
+             config.vision_config.checkpoint_name_or_path),
+            ("Q-Former checkpoint (model_config.checkpoint_name_or_path)", config.checkpoint_name_or_path),
+            ("GLM checkpoint (text_config.checkpoint_name_or_path)",
+             config.text_config.checkpoint_name_or_path)]
+
+
 class VisualGLMImageToTextGeneration(nn.Cell):
     """VisualGLM-6B for image-grounded chat.
 
@@ -100,18 +109,11 @@ class VisualGLMImageToTextGeneration(nn.Cell):
 
     def load_checkpoints(self):
         """Load the three converted checkpoints the config names; returns the parts loaded."""
-        parts = [
-            ("ViT checkpoint (vision_config.checkpoint_name_or_path)",
-             self.config.vision_config.checkpoint_name_or_path, self.image_encoder,
-             ("qformer.", "glm_proj."), "image_encoder."),
-            ("Q-Former checkpoint (model_config.checkpoint_name_or_path)",
-             self.config.checkpoint_name_or_path, self.image_encoder, ("visual_encoder.",),
-             "image_encoder."),
-            ("GLM checkpoint (text_config.checkpoint_name_or_path)",
-             self.config.text_config.checkpoint_name_or_path, self.llm_model, (), "llm_model."),
-        ]
+        cells = [(self.image_encoder, ("qformer.", "glm_proj."), "image_encoder."),
+                 (self.image_encoder, ("visual_encoder.",), "image_encoder."),
+                 (self.llm_model, (), "llm_model.")]
         loaded = []
-        for what, path, cell, allow_missing, prefix in parts:
+        for (what, path), (cell, allow_missing, prefix) in zip(checkpoint_paths(self.config), cells):
             if load_weights(cell, path, what, allow_missing=allow_missing, prefix=prefix):
                 loaded.append(what.split(" (")[0])
         return loaded

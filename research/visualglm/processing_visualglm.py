@@ -129,8 +129,8 @@ def build_processor(processor_node, image_length=32, resolve_path=None):
 
     processor: {type: VisualGLMProcessor, image_processor: {type: VisualGLMImageProcessor,
     image_size, [mean, std]}, tokenizer: {type: ChatGLMTokenizer, vocab_file, max_length, ...}}.
-    `resolve_path(path, what)` finds the vocab file (default: research.common.runtime's, i.e. as
-    given, else relative to the repo root).
+    `resolve_path(path, what)` finds the vocab file (default: research.common.runtime's: a relative
+    path is relative to the repository root).
     """
     resolve_path = resolve_path or _resolve_repo_path
     if not isinstance(processor_node, dict):

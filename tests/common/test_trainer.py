@@ -42,9 +42,10 @@ class GradBomb(nn.Cell):
 
 
 class TinyNet(nn.Cell):
-    """A 2-layer MLP regressor plus a frozen input projection; deterministic initial weights."""
+    """A 2-layer MLP regressor plus a frozen input projection; deterministic initial weights
+    (`width`: the hidden layer's, large for checkpoints of a given size)."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, width=16):
         super().__init__()
         rng = np.random.RandomState(seed)
 
@@ -53,8 +54,8 @@ class TinyNet(nn.Cell):
             return nn.Dense(n_in, n_out, weight_init=weight, bias_init="zeros")
 
         self.frozen = dense(4, 4, 0.5)
-        self.hidden = dense(4, 16, 0.5)
-        self.out = dense(16, 1, 0.3)
+        self.hidden = dense(4, width, 0.5)
+        self.out = dense(width, 1, 0.3)
         self.bomb = GradBomb()
 
     def construct(self, x, y, bomb, poison):

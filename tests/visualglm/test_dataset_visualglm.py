@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -234,15 +235,23 @@ def test_images_are_decoded_lazily(fewshot, proc, cfg, monkeypatch):
     assert calls == [str(folder / "c.png")]
 
 
-def test_corrupt_image_fails_at_getitem_naming_the_row(tmp_path, proc, cfg):
+def test_undecodable_images_are_refused_before_training_naming_their_rows(tmp_path, proc, cfg):
+    """Issue #12: a broken image stops the run when the dataset is built, not at the step that
+    first draws it; a JPEG cut short is caught too (the check reads every byte)."""
     picture().save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    path = write_dataset(str(tmp_path), [{"img": "good.png", "prompt": "p", "label": "l"},
-                                         {"img": "bad.png", "prompt": "p", "label": "l"}])
-    loader = VisualGLMDataLoader(path, proc, 64, 32, cfg)  # no decoding yet
-    loader[0]
-    with pytest.raises(UserInputError, match=r"dataset.json row 1: image .*bad.png.* not an image"):
-        loader[1]
+    picture().save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    rows = [{"img": name, "prompt": "p", "label": "l"} for name in ("good.png", "bad.png", "whole.jpg", "cut.jpg")]
+    path = write_dataset(str(tmp_path), rows)
+    with pytest.raises(UserInputError) as caught:
+        VisualGLMDataLoader(path, proc, 64, 32, cfg)
+    message = str(caught.value)
+    assert "2 problem(s) in 4 rows" in message
+    assert re.search(r"row 1: image .*bad.png.* not an image", message)
+    assert re.search(r"row 3: image .*cut.jpg.* truncated or corrupt", message)
+    assert "row 0" not in message and "row 2" not in message
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -118,8 +118,12 @@ def test_export_writes_the_three_graphs_with_their_shapes(exported):
         assert shapes["image_encoder"] == [("pixel_values", (batch, 3, 56, 56))]
         assert default_image_encoder_path(written["full"]) == written["image_encoder"]
     assert os.path.isfile(exported.lite_checkpoint)  # convert_weight.py wrote it beside glm_6b.ckpt
-    # The YAML names a GLM checkpoint, so no random embeddings are written beside the graphs.
-    assert not os.path.exists(os.path.join(root, "glm_6b_for_lite.ckpt"))
+    # The export writes the embeddings it exported with beside the full graph: the converted ones.
+    for written in exported.graphs.values():
+        beside = os.path.join(os.path.dirname(written["full"]), "glm_6b_for_lite.ckpt")
+        table = ms.load_checkpoint(beside)["transformer.word_embeddings.embedding_table"].asnumpy()
+        converted = ms.load_checkpoint(exported.lite_checkpoint)
+        assert np.array_equal(table, converted["transformer.word_embeddings.embedding_table"].asnumpy())
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -200,15 +204,19 @@ def test_prompt_that_does_not_fit_and_missing_lite_checkpoint(exported, capsys):
     missing = str(exported.root / "missing" / "glm_6b_for_lite.ckpt")
     err = exit_message(lite_argv(exported, 1, pairs, extra=["--lite_checkpoint", missing]), capsys)
     assert "glm_6b_for_lite.ckpt (the GLM word embeddings for Lite) not found" in err and missing in err
-    # A YAML whose GLM checkpoint has no glm_6b_for_lite.ckpt beside it.
+    # A full graph without the export's glm_6b_for_lite.ckpt beside it, and a YAML whose GLM
+    # checkpoint has none beside it either.
     elsewhere = exported.root / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
     shutil.copyfile(exported.glm_checkpoint, elsewhere / "glm_6b.ckpt")
+    shutil.copyfile(exported.graphs[1]["full"], elsewhere / "rank_0_graph.mindir")
     config = write_config(str(elsewhere), glm=str(elsewhere / "glm_6b.ckpt"))
-    argv = lite_argv(exported, 1, pairs)
+    argv = lite_argv(exported, 1, pairs, extra=["--image_encoder_path", exported.graphs[1]["image_encoder"]])
     argv[argv.index("--config") + 1] = config
+    argv[argv.index("--full_model_path") + 1] = str(elsewhere / "rank_0_graph.mindir")
     err = exit_message(argv, capsys)
-    assert "beside the YAML's GLM checkpoint" in err and str(elsewhere) in err
+    assert "beside the full graph" in err and "from the YAML's text_config.checkpoint_name_or_path" in err
+    assert str(elsewhere / "glm_6b_for_lite.ckpt") in err
 
 
 def test_random_weights_export_without_use_past_runs_from_its_own_embeddings(tmp_path, capsys):
@@ -218,16 +226,17 @@ def test_random_weights_export_without_use_past_runs_from_its_own_embeddings(tmp
                                       "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert set(written) == {"full", "image_encoder"} and "UNTRAINED" in out
-    table = str(tmp_path / "glm_6b_for_lite.ckpt")
-    assert os.path.isfile(table) and f"--lite_checkpoint {table}" in out
+    table = os.path.join(os.path.dirname(written["full"]), "glm_6b_for_lite.ckpt")
+    assert os.path.isfile(table) and f"wrote {table}" in out and "--lite_checkpoint" not in out
     argv = ["--config", TINY, "--full_model_path", written["full"], "--max_new_tokens", "4"]
-    results = lite.main(argv + ["--lite_checkpoint", table])
+    results = lite.main(argv)  # the runner finds the embeddings beside the full graph
     assert len(results) == 1 and results[0].startswith("<img></img>问：描述这张图片。\n答：")
     assert "no --inc_model_path: the full graph re-runs" in capsys.readouterr().out
-    assert "text_config.checkpoint_name_or_path is empty" in exit_message(argv, capsys)
     if importlib.util.find_spec("mindspore_lite") is None:
-        err = exit_message(argv + ["--lite_checkpoint", table, "--runtime", "lite"], capsys)
+        err = exit_message(argv + ["--runtime", "lite"], capsys)
         assert "mindspore_lite is not installed" in err
+    os.remove(table)
+    assert f"looked for {table} (beside the full graph)" in exit_message(argv, capsys)
 
 
 class FakeMindSporeLite(types.ModuleType):

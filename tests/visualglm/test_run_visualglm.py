@@ -2,6 +2,7 @@
 errors on bad input (exit code 2 and a message naming the problem)."""
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from PIL import Image
 from research.common.config import REPO_ROOT
 from research.common.convert import save_checkpoint_atomic
 from research.visualglm import cli_demo, run_visualglm, run_visualglm_pipeline
+from research.visualglm.inference import image_prompt_pairs
 
 TINY = os.path.join(REPO_ROOT, "configs", "visualglm", "run_visualglm_tiny_image_to_text_generation.yaml")
 EXAMPLE = os.path.join(REPO_ROOT, "examples", "visualglm", "shapes.png")
@@ -125,6 +127,45 @@ def test_checkpoint_of_another_model(tmp_path, capsys):
                               + FAST, capsys)
     assert code == 2 and "ViT checkpoint" in err and "does not fit" in err
     assert "transformer.word_embeddings.embedding_table" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image_path", "no/such/picture.png"], "does not exist"),
+    (["--image_path", EXAMPLE, "--prompt", "描述这张图片。" * 20, "--seq_length", "16"], "48"),
+])
+def test_bad_input_is_refused_before_any_checkpoint_is_read(tmp_path, monkeypatch, capsys, argv, message):
+    """Issue #12: a typo in an image path or an over-long prompt costs no checkpoint load."""
+    from research.common import runtime
+
+    checkpoint = str(tmp_path / "glm_6b.ckpt")
+    save_checkpoint_atomic({"unused": np.zeros(1, np.float32)}, checkpoint)
+    config = write_config(str(tmp_path), glm=checkpoint)
+    opened = []
+    monkeypatch.setattr(runtime, "read_checkpoint", lambda *args: opened.append(args))
+    code, err = run_exit_code(run_visualglm.main, ["--config", config] + argv + FAST, capsys)
+    assert code == 2 and message in err and opened == []
+
+
+def test_one_prompt_split_at_commas_is_said(capsys):
+    pairs = image_prompt_pairs([f"{EXAMPLE},{EXAMPLE}"], ["这是什么,背景是什么"])
+    assert [prompt for _, prompt in pairs] == ["这是什么", "背景是什么"]
+    assert "split at its commas into 2 questions" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_terminal_chat_exits_130_with_one_line():
+    """SIGINT while the chat waits for a question: exit code 130, one line, no traceback."""
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "research.visualglm.cli_demo", "--config", TINY, "--image_path", EXAMPLE],
+        cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while not seen.endswith("用户：".encode()):
+        byte = chat.stdout.read(1)
+        assert byte, f"the chat ended before asking: {seen!r} {chat.stderr.read()!r}"
+        seen += byte
+    chat.send_signal(signal.SIGINT)
+    _, err = chat.communicate(timeout=60)
+    assert chat.returncode == 130
+    assert err.decode().strip() == "interrupted"
 
 
 def test_mismatched_images_and_prompts(capsys):

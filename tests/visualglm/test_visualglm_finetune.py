@@ -13,6 +13,7 @@ import yaml
 from research.common.checkpoint import read_checkpoint
 from research.common.config import REPO_ROOT
 from research.visualglm import run_visualglm_finetune, synthetic_data
+from tests.config_files import write_yaml
 
 FINETUNE_YAML = os.path.join(REPO_ROOT, "configs", "visualglm", "run_visualglm_tiny_finetune.yaml")
 
@@ -28,20 +29,11 @@ def data_dir(tmp_path_factory):
 def write_config(path, data_json, vocab, output_dir, **changes):
     """The tiny fine-tuning preset on `data_json`, with top-level/runner changes."""
     with open(FINETUNE_YAML, encoding="utf-8") as stream:
-        config = yaml.safe_load(stream)
-    config["output_dir"] = str(output_dir)
-    config["train_dataset"]["data_loader"]["dataset_dir"] = str(data_json)
-    config["processor"]["tokenizer"]["vocab_file"] = str(vocab)
-    config["callbacks"][0]["save_checkpoint_steps"] = changes.pop("save_checkpoint_steps", 100)
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    with open(path, "w", encoding="utf-8") as stream:
-        yaml.safe_dump(config, stream, allow_unicode=True)
-    return str(path)
+        callbacks = yaml.safe_load(stream)["callbacks"]
+    callbacks[0]["save_checkpoint_steps"] = changes.pop("save_checkpoint_steps", 100)
+    return write_yaml(path, FINETUNE_YAML, {
+        "output_dir": str(output_dir), "train_dataset.data_loader.dataset_dir": str(data_json),
+        "processor.tokenizer.vocab_file": str(vocab), "callbacks": callbacks, **changes})
 
 
 def losses(output_dir):

@@ -1,0 +1,1 @@
+visualglm/run_visualglm_infer_lite.py
