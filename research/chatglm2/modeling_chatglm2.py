@@ -1,0 +1,291 @@
+"""ChatGLM2-6B in plain MindSpore.
+
+Read top to bottom: RMSNorm, rotary tables, attention, MLP, block, the transformer, the LM.
+What makes ChatGLM2 different from a GPT (DESIGN.md §5, HF THUDM/chatglm2-6b modeling_chatglm.py):
+- pre-norm blocks with RMSNorm computed in float32 (`x * rsqrt(mean(x^2) + eps)`, then `weight *`),
+  and a final RMSNorm;
+- multi-query attention: a fused `query_key_value` (with bias) split contiguously as
+  [Q heads*d | K groups*d | V groups*d]; query head h reads key/value group h // (heads/groups);
+  only the groups are cached (research.common.kv_cache);
+- RoPE on the first half of each head, on **interleaved pairs** (x[2i], x[2i+1]) rotated by
+  theta_i = base^(-2i/(d/2)); the second half passes through. Tables in float32 (HF builds them
+  in the model dtype, inexact in float16 beyond 2048 positions);
+- SwiGLU: `dense_h_to_4h` -> silu(first half) * second half -> `dense_4h_to_h`, no biases;
+- an untied `output_layer`; when generating, only the last position's logits are computed.
+Positions are [B,S] (0 over left padding, so a prompt starts at 0 whatever its padding); the
+mask is causal and never attends to padding.
+
+Parameter names are MindFormers 1.9's (`transformer.embedding.embedding_weight`, the rest as HF),
+so convert_weight.py's output loads as is. Every shape is static: GRAPH mode compiles each
+prompt bucket and the decode step once. Registered as `ResearchChatGLM2ForConditionalGeneration`.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from research.chatglm2.configuration_chatglm2 import REGISTRY_PREFIX, ChatGLM2Config
+from research.common.kv_cache import InGraphCausalLM, cache_slot_indices, expand_kv_groups, write_cache
+from research.common.layers import SkinnyDense, ms_dtype
+
+# Added to masked scores (float32): exp underflows to exactly 0, and a row with nothing to
+# attend (a padding query, never read) stays finite.
+MASKED_SCORE = float(np.finfo(np.float32).min)
+
+
+class RMSNorm(nn.Cell):
+    """RMSNorm in float32 whatever the compute dtype; returns the input dtype."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones(hidden_size, np.float32)), name="weight")
+        self.eps = eps
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        variance = ops.mean(ops.square(x32), -1, keep_dims=True)
+        return (self.weight * (x32 * ops.rsqrt(variance + self.eps))).astype(x.dtype)
+
+
+def rotary_tables(num_positions, rotary_dim, base):
+    """cos/sin [num_positions, rotary_dim / 2] in float32: column i for pair (2i, 2i+1)."""
+    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+    angles = np.outer(np.arange(num_positions, dtype=np.float32), inv_freq).astype(np.float32)
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rotary(x, cos, sin, rotary_dim):
+    """x [B,S,heads,d]; cos/sin [B,S,1,rotary_dim/2] float32. Pairs (x[2i], x[2i+1]) of the
+    first rotary_dim dims become (x0 cos - x1 sin, x1 cos + x0 sin), in float32."""
+    batch, length, heads, dim = x.shape
+    rotated = x[..., :rotary_dim].astype(ms.float32).reshape(batch, length, heads, rotary_dim // 2, 2)
+    x0, x1 = rotated[..., 0], rotated[..., 1]
+    rotated = ops.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), axis=-1)
+    rotated = rotated.reshape(batch, length, heads, rotary_dim).astype(x.dtype)
+    if rotary_dim == dim:
+        return rotated
+    return ops.cat((rotated, x[..., rotary_dim:]), axis=-1)
+
+
+class SelfAttention(nn.Cell):
+    """Multi-query self-attention with RoPE and an optional KV cache of the groups only."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.kv_heads
+        self.head_dim = config.kv_channels
+        self.rotary_dim = config.rotary_dim
+        param_dtype = ms_dtype(config.param_init_type)
+        self.query_key_value = SkinnyDense(config.hidden_size, config.qkv_size, has_bias=True,
+                                           dtype=param_dtype)
+        self.dense = SkinnyDense(self.num_heads * self.head_dim, config.hidden_size, has_bias=False,
+                                 dtype=param_dtype)
+        self.scale = self.head_dim ** -0.5
+        # q @ k^T without materialising k^T (a transpose of the whole cache per step)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.attention_dropout = nn.Dropout(p=config.attention_dropout)
+
+    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None):
+        """hidden [B,S,H]; cos/sin [B,S,1,rotary/2]; attend [B,1,S,T] bool.
+
+        Without a cache T == S and the new keys/values [B,groups,S,d] are returned. With a cache
+        of T slots the S new keys/values are first written at `cache_slots` (in place when the
+        cache is a Parameter) and the queries attend over all T slots.
+        """
+        batch, length, _ = hidden.shape
+        qkv = self.query_key_value(hidden)
+        q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        query = qkv[..., :q_size].reshape(batch, length, self.num_heads, self.head_dim)
+        key = qkv[..., q_size:q_size + kv_size].reshape(batch, length, self.kv_heads, self.head_dim)
+        value = qkv[..., q_size + kv_size:].reshape(batch, length, self.kv_heads, self.head_dim)
+        query = apply_rotary(query, cos, sin, self.rotary_dim).transpose(0, 2, 1, 3)  # [B,heads,S,d]
+        key = apply_rotary(key, cos, sin, self.rotary_dim).transpose(0, 2, 1, 3)  # [B,groups,S,d]
+        value = value.transpose(0, 2, 1, 3)
+        if key_cache is not None:
+            key = write_cache(key_cache, key, cache_slots)
+            value = write_cache(value_cache, value, cache_slots)
+
+        repeats = self.num_heads // self.kv_heads
+        scores = self.scores_matmul(query, expand_kv_groups(key, repeats)).astype(ms.float32) * self.scale
+        scores = ops.select(attend, scores, ops.full_like(scores, MASKED_SCORE))
+        probs = self.attention_dropout(ops.softmax(scores, axis=-1)).astype(value.dtype)
+        context = ops.matmul(probs, expand_kv_groups(value, repeats)).transpose(0, 2, 1, 3)
+        output = self.dense(context.reshape(batch, length, self.num_heads * self.head_dim))
+        return output, key, value
+
+
+class MLP(nn.Cell):
+    """SwiGLU: dense_h_to_4h -> silu(first half) * second half -> dense_4h_to_h."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        param_dtype = ms_dtype(config.param_init_type)
+        self.dense_h_to_4h = SkinnyDense(config.hidden_size, 2 * config.ffn_hidden_size, has_bias=False,
+                                         dtype=param_dtype)
+        self.dense_4h_to_h = SkinnyDense(config.ffn_hidden_size, config.hidden_size, has_bias=False,
+                                         dtype=param_dtype)
+
+    def construct(self, x):
+        gate, up = ops.chunk(self.dense_h_to_4h(x), 2, axis=-1)
+        return self.dense_4h_to_h(ops.silu(gate) * up)
+
+
+class GLMBlock(nn.Cell):
+    """One pre-norm layer: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+        self.hidden_dropout = nn.Dropout(p=config.hidden_dropout)
+
+    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None):
+        attention_output, key, value = self.self_attention(
+            self.input_layernorm(hidden), cos, sin, attend, key_cache, value_cache, cache_slots)
+        hidden = hidden + self.hidden_dropout(attention_output)
+        hidden = hidden + self.hidden_dropout(self.mlp(self.post_attention_layernorm(hidden)))
+        return hidden, key, value
+
+
+class Embedding(nn.Cell):
+    """Word embeddings only (no positions, no scaling); MindFormers 1.9's parameter name."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.embedding_weight = Parameter(
+            Tensor(np.zeros((config.padded_vocab_size, config.hidden_size)), ms_dtype(config.param_init_type)),
+            name="embedding_weight")
+
+    def construct(self, input_ids):
+        return ops.gather(self.embedding_weight, input_ids, 0)
+
+
+class Encoder(nn.Cell):
+    """The layers and the final RMSNorm (HF's `encoder`)."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class ChatGLM2Model(nn.Cell):
+    """Embedding, encoder and output layer (HF's `transformer`); returns logits and the KV cache."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.embedding = Embedding(config)
+        self.encoder = Encoder(config)
+        self.output_layer = SkinnyDense(config.hidden_size, config.padded_vocab_size, has_bias=False,
+                                        dtype=ms_dtype(config.param_init_type))
+        self.embedding_dropout = nn.Dropout(p=config.hidden_dropout)
+        cos, sin = rotary_tables(config.seq_length, config.rotary_dim, 10000.0 * config.rope_ratio)
+        self.rotary_cos = Tensor(cos)
+        self.rotary_sin = Tensor(sin)
+        if config.compute_dtype != "float32":
+            for _, cell in self.cells_and_names():
+                if isinstance(cell, nn.Dense):
+                    cell.to_float(self.compute_dtype)
+
+    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds=None,
+                  key_cache=None, value_cache=None, cache_index=None, logits_index=None):
+        """position_ids [B,S]; attention_mask [B,1,S,T], 1 = attend."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        hidden = self.embedding_dropout(inputs_embeds.astype(self.compute_dtype))
+        batch, length = position_ids.shape
+        cos = ops.gather(self.rotary_cos, position_ids, 0).reshape(batch, length, 1, -1)
+        sin = ops.gather(self.rotary_sin, position_ids, 0).reshape(batch, length, 1, -1)
+        attend = attention_mask > 0
+        cache_slots = None
+        if key_cache is not None:
+            cache_slots = cache_slot_indices(batch, self.config.kv_heads, length, cache_index)
+        keys, values = (), ()
+        for i, layer in enumerate(self.encoder.layers):
+            if key_cache is None:
+                hidden, key, value = layer(hidden, cos, sin, attend)
+            else:
+                hidden, key, value = layer(hidden, cos, sin, attend, key_cache[i], value_cache[i], cache_slots)
+            keys += (key,)
+            values += (value,)
+        hidden = self.encoder.final_layernorm(hidden)
+        if logits_index is not None:  # generation: the vocabulary projection of one row only
+            index = ops.broadcast_to(logits_index.reshape(-1, 1, 1), (batch, 1, hidden.shape[2]))
+            hidden = ops.gather_elements(hidden, 1, index).squeeze(1)
+        logits = self.output_layer(hidden).astype(ms.float32)
+        if isinstance(key_cache, tuple):  # CachedDecoder's Parameters, already written in place
+            return logits, None, None
+        return logits, ops.stack(keys), ops.stack(values)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS,
+                             alias=REGISTRY_PREFIX + "ChatGLM2ForConditionalGeneration")
+class ChatGLM2ForConditionalGeneration(InGraphCausalLM, nn.Cell):
+    """ChatGLM2 for generation (driven by research.common.generation through InGraphCausalLM).
+
+    construct(input_ids, position_ids, attention_mask, inputs_embeds=None, key_cache=None,
+    value_cache=None, cache_index=None, logits_index=None) -> (logits float32, keys, values)
+    - full forward: no cache; logits [B,S,V], or [B,V] at `logits_index` [B];
+    - with a cache (CachedDecoder's, or stacked tensors in exported graphs): the S tokens are
+      written at slots cache_index..; keys/values are None for the in-place cache.
+    """
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLM2Model(config)
+
+    def kv_cache_layout(self):
+        """(layers, cached heads, head dim, dtype): only the multi-query groups are cached."""
+        config = self.config
+        return config.num_layers, config.kv_heads, config.kv_channels, ms_dtype(config.compute_dtype)
+
+    def embed_tokens(self, input_ids):
+        """Token embeddings in the compute dtype."""
+        return self.transformer.embedding(input_ids).astype(self.transformer.compute_dtype)
+
+    def construct(self, input_ids, position_ids, attention_mask, inputs_embeds=None,
+                  key_cache=None, value_cache=None, cache_index=None, logits_index=None):
+        return self.transformer(input_ids, position_ids, attention_mask, inputs_embeds,
+                                key_cache, value_cache, cache_index, logits_index)
+
+    def generation_inputs(self, input_ids, pad_lengths):
+        """Positions [B,L] and mask [B,1,L,L] of left-padded rows (see chatglm2_positions_and_mask)."""
+        return chatglm2_positions_and_mask(input_ids, pad_lengths)
+
+
+def chatglm2_positions_and_mask(input_ids, pad_lengths):
+    """As HF ChatGLM2 with its tokenizer's left padding: positions 0 over the padding and
+    0, 1, ... from the first real token; causal attention that never sees a padding column."""
+    batch, length = input_ids.shape
+    position_ids = np.zeros((batch, length), np.int32)
+    mask = np.tile(np.tril(np.ones((length, length), np.float32)), (batch, 1, 1, 1))
+    for row, pad in enumerate(pad_lengths):
+        position_ids[row, pad:] = np.arange(length - pad)
+        mask[row, 0, :, :pad] = 0.0
+    return position_ids, mask
+
+
+def parameter_shapes(config: ChatGLM2Config):
+    """{parameter name: shape} of ChatGLM2ForConditionalGeneration(config), without allocating it."""
+    hidden, inner = config.hidden_size, config.num_attention_heads * config.kv_channels
+    shapes = {"transformer.embedding.embedding_weight": (config.padded_vocab_size, hidden)}
+    for i in range(config.num_layers):
+        layer = f"transformer.encoder.layers.{i}."
+        shapes.update({
+            layer + "input_layernorm.weight": (hidden,),
+            layer + "self_attention.query_key_value.weight": (config.qkv_size, hidden),
+            layer + "self_attention.query_key_value.bias": (config.qkv_size,),
+            layer + "self_attention.dense.weight": (hidden, inner),
+            layer + "post_attention_layernorm.weight": (hidden,),
+            layer + "mlp.dense_h_to_4h.weight": (2 * config.ffn_hidden_size, hidden),
+            layer + "mlp.dense_4h_to_h.weight": (hidden, config.ffn_hidden_size),
+        })
+    shapes["transformer.encoder.final_layernorm.weight"] = (hidden,)
+    shapes["transformer.output_layer.weight"] = (config.padded_vocab_size, hidden)
+    return shapes
