@@ -1,105 +1,317 @@
 """`make demo`: a tiny VisualGLM learns to describe synthetic images, then learns a new answer
-style with LoRA from 8 examples (seed 001's fine-tuning steps at toy scale).
+style with LoRA (seed 001's fine-tuning steps at toy scale), and both are measured.
 
-    python -m research.visualglm.demo [--retrain]
+    python -m research.visualglm.demo [--retrain] [--output_dir DIR]
 
-1. writes the synthetic shapes set and its tokenizer (output/demo/data),
+1. writes the synthetic shapes set and its tokenizer (DIR/data; DIR defaults to output/demo),
 2. trains the tiny VisualGLM on it from random weights (run_visualglm_tiny_finetune.yaml) and
-   saves the three checkpoints (output/demo/checkpoints) — first run only, then cached,
-3. measures exact-match accuracy on held-out renders and answers about one of them as
-   run_visualglm.py does (run_visualglm_tiny_demo.yaml),
-4. trains LoRA on 8 examples of a new style (run_visualglm_tiny_lora.yaml) and answers as
-   run_visualglm_with_lora.py does.
+   saves the three checkpoints (DIR/checkpoints) that run_visualglm_tiny_demo.yaml names,
+3. measures exact-match accuracy on the 200 held-out images,
+4. trains LoRA on 20 examples of a new answer style, one per shape and colour
+   (run_visualglm_tiny_lora.yaml, DIR/lora), and measures its content accuracy on the same
+   held-out images: answers in the new style that name the right shape and colour,
+5. prints the commands to chat with both models from the current folder.
+
+Each stage is skipped when its outputs exist and were made from the same inputs (the data
+format, the tokenizer, the training set, the YAML; for LoRA also the base checkpoints);
+--retrain runs both training stages again. With --output_dir other than output/demo, the
+demo writes DIR/configs/*.yaml: the three YAMLs with their output/demo paths moved to DIR.
 """
 import argparse
+import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import sys
+import time
+
+import yaml
 
 from research.common.checkpoint import latest_checkpoint
-from research.common.config import REPO_ROOT
+from research.common.config import REPO_ROOT, resolve_config_path
 from research.common.runtime import cli_main
 from research.visualglm import synthetic_data
 from research.visualglm.finetune import finetune
 from research.visualglm.inference import load_visualglm
 
-DEMO_DIR = os.path.join(REPO_ROOT, "output", "demo")
-DATA_DIR = os.path.join(DEMO_DIR, "data")
-CHECKPOINTS = {name: os.path.join(DEMO_DIR, "checkpoints", f"{name}.ckpt")
-               for name in ("visualglm_vit", "visualglm_qformer", "glm_6b")}
-LORA_DIR = os.path.join(DEMO_DIR, "lora", "checkpoint_trainable", "rank_0")
+DEFAULT_DIR = os.path.join(REPO_ROOT, "output", "demo")
+CONFIGS = {"finetune": "run_visualglm_tiny_finetune.yaml", "demo": "run_visualglm_tiny_demo.yaml",
+           "lora": "run_visualglm_tiny_lora.yaml"}
+YAML_PREFIXES = ("./output/demo/", "output/demo/")  # how the three YAMLs spell DEFAULT_DIR
+CHECKPOINT_NAMES = ("visualglm_vit", "visualglm_qformer", "glm_6b")  # save_checkpoints' order
+TRAIN_COUNT = 2000
+STYLE_PATTERN = re.compile(re.escape(synthetic_data.STYLE_TEMPLATE)
+                           .replace(re.escape("{colour}"), "(.+)").replace(re.escape("{shape}"), "(.+)"))
 
 
-def ensure_data(count=2000):
-    if not os.path.isfile(os.path.join(DATA_DIR, "metadata.json")):
-        synthetic_data.make_synthetic_dataset(DATA_DIR, count, seed=0)
-        synthetic_data.build_synthetic_tokenizer(os.path.join(DATA_DIR, "ice_text.model"))
+class DemoPaths:
+    """Where the demo writes, under one folder."""
+
+    def __init__(self, directory=DEFAULT_DIR):
+        self.root = os.path.abspath(directory)
+        self.data = os.path.join(self.root, "data")
+        self.tokenizer = os.path.join(self.data, "ice_text.model")
+        self.checkpoint_dir = os.path.join(self.root, "checkpoints")
+        self.checkpoints = [os.path.join(self.checkpoint_dir, f"{name}.ckpt") for name in CHECKPOINT_NAMES]
+        self.train = os.path.join(self.root, "train")
+        self.lora = os.path.join(self.root, "lora")
+        self.lora_checkpoints = os.path.join(self.lora, "checkpoint_trainable", "rank_0")
+
+    @property
+    def is_default(self):
+        return os.path.realpath(self.root) == os.path.realpath(DEFAULT_DIR)
 
 
-def ensure_trained(retrain=False):
-    """Train the tiny model on the synthetic set unless its checkpoints exist."""
-    if not retrain and all(os.path.isfile(path) for path in CHECKPOINTS.values()):
-        print(f"using the trained tiny model in {os.path.dirname(CHECKPOINTS['glm_6b'])}")
+# ---- configs and stamps ------------------------------------------------------------------------
+
+def _moved(node, root):
+    """`node` (parsed YAML) with every output/demo path moved to `root`."""
+    if isinstance(node, dict):
+        return {key: _moved(value, root) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_moved(value, root) for value in node]
+    if isinstance(node, str):
+        for prefix in YAML_PREFIXES:
+            if node.startswith(prefix):
+                return os.path.join(root, node[len(prefix):])
+    return node
+
+
+def demo_configs(paths):
+    """{stage: config}: the bare names in configs/visualglm/ for output/demo, else copies of them
+    in DIR/configs with their output/demo paths moved to DIR (absolute)."""
+    if paths.is_default:
+        return dict(CONFIGS)
+    folder = os.path.join(paths.root, "configs")
+    os.makedirs(folder, exist_ok=True)
+    configs = {}
+    for stage, name in CONFIGS.items():
+        source = resolve_config_path(name, "visualglm")
+        with open(source, encoding="utf-8") as stream:
+            data = _moved(yaml.safe_load(stream), paths.root)
+        configs[stage] = os.path.join(folder, name)
+        with open(configs[stage], "w", encoding="utf-8") as stream:
+            stream.write(f"# configs/visualglm/{name} with its output/demo paths in {paths.root} "
+                         f"(written by research.visualglm.demo)\n")
+            yaml.safe_dump(data, stream, allow_unicode=True, sort_keys=False)
+    return configs
+
+
+def fingerprint(files):
+    """sha256 over the contents of `files`, in order; a YAML counts by what it says (its
+    comments and layout may change without retraining)."""
+    digest = hashlib.sha256()
+    for path in files:
+        if path.endswith((".yaml", ".yml")):
+            with open(path, encoding="utf-8") as stream:
+                content = json.dumps(yaml.safe_load(stream), sort_keys=True).encode("utf-8")
+        else:
+            with open(path, "rb") as stream:
+                content = stream.read()
+        digest.update(hashlib.sha256(content).digest())
+    return digest.hexdigest()
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read().strip()
+    except OSError:
+        return None
+
+
+def _write(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as stream:
+        stream.write(text + "\n")
+    os.replace(path + ".tmp", path)
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+def ensure_data(paths):
+    """The synthetic set and its tokenizer, written again when missing or of an older format."""
+    metadata = os.path.join(paths.data, "metadata.json")
+    if os.path.isfile(metadata) and os.path.isfile(paths.tokenizer):
+        with open(metadata, encoding="utf-8") as stream:
+            if json.load(stream).get("format") == synthetic_data.FORMAT_VERSION:
+                return
+        print(f"the synthetic set in {shown(paths.data)} has an older format; writing it again")
+    shutil.rmtree(paths.data, ignore_errors=True)
+    synthetic_data.make_synthetic_dataset(paths.data, TRAIN_COUNT, seed=0)
+    synthetic_data.build_synthetic_tokenizer(paths.tokenizer)
+
+
+def ensure_trained(paths, configs, retrain=False):
+    """Train the tiny model on the synthetic set unless its checkpoints exist and were trained on
+    the same data, tokenizer and YAML."""
+    stamp = os.path.join(paths.checkpoint_dir, "inputs.sha256")
+    inputs = fingerprint([paths.tokenizer, os.path.join(paths.data, "dataset.json"),
+                          resolve_config_path(CONFIGS["finetune"], "visualglm")])
+    exist = all(os.path.isfile(path) for path in paths.checkpoints)
+    if not retrain and exist and _read(stamp) == inputs:
+        print(f"using the tiny VisualGLM trained before in {shown(paths.checkpoint_dir)} "
+              f"(--retrain trains it again)")
         return
-    shutil.rmtree(os.path.join(DEMO_DIR, "train"), ignore_errors=True)
-    print("training the tiny VisualGLM on the synthetic shapes (first run only)...")
-    trainer, history = finetune("run_visualglm_tiny_finetune.yaml")
-    trainer.network.model.save_checkpoints(*CHECKPOINTS.values())
-    print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} in {len(history)} steps; "
-          f"loss curve: {os.path.join(trainer.output_dir, 'loss.png')}")
+    if exist and not retrain:
+        print(f"the checkpoints in {shown(paths.checkpoint_dir)} were trained on other data or "
+              f"settings; training again")
+    shutil.rmtree(paths.train, ignore_errors=True)
+    print(f"training the tiny VisualGLM on {TRAIN_COUNT} synthetic images from random weights "
+          f"(12-20 minutes on 2 CPU cores)...")
+    start = time.perf_counter()
+    trainer, history = finetune(configs["finetune"], output_dir=paths.train)
+    os.makedirs(paths.checkpoint_dir, exist_ok=True)
+    trainer.network.model.save_checkpoints(*paths.checkpoints)
+    _write(stamp, inputs)
+    print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.2g} in {len(history)} steps, "
+          f"{(time.perf_counter() - start) / 60:.1f} min; loss curve: "
+          f"{shown(os.path.join(trainer.output_dir, 'loss.png'))}")
 
 
-def held_out(count=None):
-    with open(os.path.join(DATA_DIR, "test.json"), encoding="utf-8") as stream:
+def ensure_lora(paths, configs, retrain=False):
+    """Train LoRA on the style set unless its checkpoint exists and was trained on the same
+    base checkpoints, style set and YAML."""
+    stamp = os.path.join(paths.lora, "inputs.sha256")
+    style = os.path.join(paths.data, "style", "dataset.json")
+    inputs = fingerprint([*paths.checkpoints, style, resolve_config_path(CONFIGS["lora"], "visualglm")])
+    if (not retrain and os.path.isdir(paths.lora_checkpoints) and os.listdir(paths.lora_checkpoints)
+            and _read(stamp) == inputs):
+        print(f"using the LoRA trained before in {shown(paths.lora_checkpoints)}")
+        return
+    shutil.rmtree(paths.lora, ignore_errors=True)
+    with open(style, encoding="utf-8") as stream:
+        count = len(json.load(stream))
+    print(f"teaching a new answer style with LoRA: {count} examples, one per shape and colour "
+          f"({synthetic_data.STYLE_TEMPLATE})...")
+    start = time.perf_counter()
+    _, history = finetune(configs["lora"], output_dir=paths.lora)
+    _write(stamp, inputs)
+    print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.2g} in {len(history)} steps, "
+          f"{time.perf_counter() - start:.0f} s")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def held_out(paths, count=None):
+    """The held-out rows with their attributes: img (absolute), prompt, label, shape, colour,
+    background."""
+    with open(os.path.join(paths.data, "test.json"), encoding="utf-8") as stream:
         rows = json.load(stream)
-    for row in rows[:count]:
-        row["img"] = os.path.join(DATA_DIR, row["img"])
-    return rows
+    with open(os.path.join(paths.data, "metadata.json"), encoding="utf-8") as stream:
+        attributes = json.load(stream)["test"]
+    return [{**row, **attribute, "img": os.path.join(paths.data, row["img"])}
+            for row, attribute in list(zip(rows, attributes))[:count]]
 
 
-def exact_match_accuracy(config="run_visualglm_tiny_demo.yaml", rows=None, batch_size=50):
-    """Share of held-out images whose greedy answer equals the template label exactly."""
-    rows = rows or held_out()
-    chat = load_visualglm(config, use_past=True, do_sample=False)
-    replies = chat.answer([(row["img"], row["prompt"]) for row in rows], batch_size=batch_size,
-                          max_new_tokens=20)
-    answers = [reply.answer for reply in replies]
-    correct = sum(answer == row["label"] for answer, row in zip(answers, rows))
-    return correct / len(rows), answers
+def answer_all(config, rows, lora_checkpoint=None, batch_size=50):
+    """Greedy replies (with the KV cache) to every held-out row, `batch_size` per forward pass."""
+    chat = load_visualglm(config, use_past=True, do_sample=False, lora_checkpoint=lora_checkpoint)
+    return chat.answer([(row["img"], row["prompt"]) for row in rows], batch_size=batch_size,
+                       max_new_tokens=20)
 
 
-def ensure_lora(retrain=False):
-    if not retrain and os.path.isdir(LORA_DIR) and os.listdir(LORA_DIR):
-        return
-    shutil.rmtree(os.path.join(DEMO_DIR, "lora"), ignore_errors=True)
-    print("teaching a new answer style with LoRA (8 examples)...")
-    finetune("run_visualglm_tiny_lora.yaml")
+def names_content(answer, shape, colour):
+    """The answer names this shape and this colour, and no other shape or shape colour (a
+    background colour, never a shape's, may be named too)."""
+    return ({s for s in synthetic_data.SHAPES if s in answer} == {shape}
+            and {c for c in synthetic_data.COLOURS if c in answer} == {colour})
+
+
+def in_style(answer):
+    return STYLE_PATTERN.fullmatch(answer) is not None
+
+
+def exact_accuracy(answers, rows):
+    """Share of answers equal to the template label."""
+    return sum(answer == row["label"] for answer, row in zip(answers, rows)) / len(rows)
+
+
+def lora_scores(answers, rows):
+    """{content, style, named}: shares of answers in the new style that name the right shape and
+    colour (the content accuracy), in the new style, naming the right shape and colour."""
+    style = [in_style(answer) for answer in answers]
+    named = [names_content(answer, row["shape"], row["colour"]) for answer, row in zip(answers, rows)]
+    return {"content": sum(s and n for s, n in zip(style, named)) / len(rows),
+            "style": sum(style) / len(rows), "named": sum(named) / len(rows)}
+
+
+# ---- the commands it prints --------------------------------------------------------------------
+
+def shown(path):
+    """A path to print for pasting in the current folder: relative to it, unless it lies
+    outside it (then absolute)."""
+    path = os.path.abspath(path)
+    relative = os.path.relpath(path)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def activation_line():
+    """`source .../bin/activate` of the virtual environment this runs in (else the repository's
+    .venv, which `make` creates)."""
+    activate = os.path.join(sys.prefix, "bin", "activate")
+    if sys.prefix == sys.base_prefix or not os.path.isfile(activate):
+        activate = os.path.join(REPO_ROOT, ".venv", "bin", "activate")
+    return f"source {shlex.quote(shown(activate))}"
+
+
+def chat_commands(paths, configs, image):
+    """The lines to paste in the current folder to ask both trained models about `image`;
+    the interactive chat comes last, so pasting them all runs the others first."""
+    config = lambda stage: configs[stage] if paths.is_default else shlex.quote(shown(configs[stage]))
+    image = shlex.quote(shown(image))
+    prompt = synthetic_data.PROMPT  # one shell word as it is (tests paste these lines into bash)
+    return [
+        activation_line(),
+        f"python -m research.visualglm.run_visualglm --config {config('demo')} "
+        f"--image_path {image} --prompt {prompt}",
+        f"python -m research.visualglm.run_visualglm_with_lora --config {config('lora')} "
+        f"--lora_checkpoint {shlex.quote(shown(paths.lora_checkpoints))} --image_path {image} "
+        f"--prompt {prompt}",
+        f"python -m research.visualglm.cli_demo --config {config('demo')} --image_path {image}",
+    ]
 
 
 @cli_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retrain", action="store_true", help="train again even if cached")
+    parser.add_argument("--retrain", action="store_true", help="train both stages again")
+    parser.add_argument("--output_dir", default=DEFAULT_DIR,
+                        help="where to write data, checkpoints and LoRA (default output/demo in "
+                             "the repository)")
     args = parser.parse_args(argv)
-    ensure_data()
-    ensure_trained(args.retrain)
-    rows = held_out()
-    accuracy, answers = exact_match_accuracy(rows=rows)
-    print(f"held-out accuracy: {accuracy:.1%} exact answers on {len(rows)} images never seen "
-          f"in training")
-    image, prompt = rows[0]["img"], rows[0]["prompt"]
-    print(f"\nrun_visualglm.py on {os.path.relpath(image, REPO_ROOT)} "
-          f"(expected: {rows[0]['label']}):")
-    chat = load_visualglm("run_visualglm_tiny_demo.yaml")
-    print([reply.prompt + reply.answer for reply in chat.answer([(image, prompt)])])
-    ensure_lora(args.retrain)
-    print(f"\nrun_visualglm_with_lora.py on the same image "
-          f"(style: {synthetic_data.STYLE_TEMPLATE}):")
-    chat = load_visualglm("run_visualglm_tiny_lora.yaml", use_past=True,
-                          lora_checkpoint=latest_checkpoint(LORA_DIR))
-    print([reply.answer for reply in chat.answer([(image, prompt)])])
-    return accuracy
+    paths = DemoPaths(args.output_dir)
+    configs = demo_configs(paths)
+    ensure_data(paths)
+    ensure_trained(paths, configs, args.retrain)
+    rows = held_out(paths)
+
+    replies = answer_all(configs["demo"], rows)
+    accuracy = exact_accuracy([reply.answer for reply in replies], rows)
+    print(f"held-out accuracy: {accuracy:.1%} exact answers on {len(rows)} images never seen in "
+          f"training")
+    print(f"\nrun_visualglm.py on {shown(rows[0]['img'])} (expected: {rows[0]['label']}):")
+    print([replies[0].prompt + replies[0].answer])
+
+    ensure_lora(paths, configs, args.retrain)
+    answers = [reply.answer for reply in answer_all(configs["lora"], rows,
+                                                    latest_checkpoint(paths.lora_checkpoints))]
+    scores = lora_scores(answers, rows)
+    print(f"LoRA content accuracy: {scores['content']:.1%} of the {len(rows)} held-out answers are "
+          f"in the new style and name the right shape and colour (in the style: "
+          f"{scores['style']:.1%}; right shape and colour: {scores['named']:.1%})")
+    expected = synthetic_data.style_label_for(rows[0]["shape"], rows[0]["colour"])
+    print(f"\nrun_visualglm_with_lora.py on the same image (expected: {expected}):")
+    print([answers[0]])
+
+    print(f"\ndemo results: held-out accuracy {accuracy:.1%}, LoRA content accuracy "
+          f"{scores['content']:.1%}")
+    print("chat with the models it trained (paste these lines in this folder):")
+    for line in chat_commands(paths, configs, rows[0]["img"]):
+        print(line)
+    return {"held_out_accuracy": accuracy, "lora_content_accuracy": scores["content"]}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Layout written by `make_synthetic_dataset(directory, count, seed)`:
     directory/dataset.json                 training split, upstream's fewshot format
                                             [{"img": "images/train_00000.png", "prompt", "label"}]
     directory/test.json                    held-out split, same format
-    directory/style/dataset.json           a few training images answered in a new style
-                                            ("图里是红色的圆形哦！"), for a LoRA demo
+    directory/style/dataset.json           one training image per (shape, colour) pair (20)
+                                            answered in a new style ("图里是红色的圆形哦！"),
+                                            for the LoRA demo
     directory/metadata.json                the attributes of every image, the held-out
                                             combinations and the generator settings
 
@@ -25,7 +26,12 @@ write byte-identical files.
 
 `build_synthetic_tokenizer(path)` trains a tiny ice_text-style sentencepiece model on exactly
 this text (research.common.testing), so every label encodes without unknown or
-byte-fallback pieces.
+byte-fallback pieces. Every content word (shape, colour, background) and every template word
+around it is a piece of its own (`TEMPLATE_PIECES`): "一个|红色|的|圆形|，|背景是|白色|。" and
+"图里是|红色|的|圆形|哦|！". So the style answer reuses the base model's content tokens at the
+same positions, and LoRA only has to learn the words around them. (A tokenizer learned freely
+merges "一个红色的" into one piece, "图里是红色的" into another that the base model never saw:
+LoRA then has to relearn every colour, and loses the shape on held-out images.)
 
 CLI: python -m research.visualglm.synthetic_data --output_dir DIR --count N --seed S
 """
@@ -39,7 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from research.common.errors import UserInputError
-from research.common.testing import train_tiny_ice_text_model
+from research.common.testing import (DEFAULT_VOCAB_SIZE, ICE_TEXT_PIECES,
+                                     train_sentencepiece_model)
 
 PROMPT = "这张图片里有什么？"
 LABEL_TEMPLATE = "一个{colour}的{shape}，背景是{background}。"
@@ -49,9 +56,14 @@ COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 80, 
            "黄色": (235, 205, 30), "紫色": (150, 60, 190)}
 BACKGROUNDS = {"白色": (245, 245, 245), "黑色": (15, 15, 15), "灰色": (128, 128, 128)}
 COMBINATIONS = tuple(itertools.product(SHAPES, COLOURS, BACKGROUNDS))  # (shape, colour, background)
-STYLE_COUNT = 8
+# Pieces of their own in the tokenizer (see the module docstring).
+TEMPLATE_PIECES = (SHAPES + tuple(COLOURS) + tuple(BACKGROUNDS)
+                   + ("一个", "的", "背景是", "图里是"))
 _COLOUR_JITTER = 12
 _SPLIT_STREAMS = {"train": 0, "test": 1, "holdout": 2}
+# metadata.json's "format": raised when the files or the tokenizer change, so `make demo`
+# writes the set again and retrains (2: a piece per content word, 20 style examples).
+FORMAT_VERSION = 2
 
 
 def label_for(shape, colour, background):
@@ -77,8 +89,12 @@ def corpus():
 def build_synthetic_tokenizer(path, sentences=None):
     """Train a tiny ice_text-style tokenizer on `sentences` (default: `corpus()`) and write it to
     `path`; returns the absolute path. Special ids as research.common.testing lays them out: unk 0,
-    pad 3, [MASK] 4, [gMASK] 5, <sop> 8, <eop> 9; byte fallback keeps any other text encodable."""
-    return train_tiny_ice_text_model(path, corpus() if sentences is None else list(sentences))
+    pad 3, [MASK] 4, [gMASK] 5, <sop> 8, <eop> 9; then TEMPLATE_PIECES, each always a piece of
+    its own; byte fallback keeps any other text encodable."""
+    sentences = corpus() if sentences is None else list(sentences)
+    return train_sentencepiece_model(
+        path, [s.replace("\n", "<n>").replace("\t", "<|tab|>") for s in sentences],
+        DEFAULT_VOCAB_SIZE, list(ICE_TEXT_PIECES) + list(TEMPLATE_PIECES), pad_id=3)
 
 
 # ---- rendering ---------------------------------------------------------------------------------
@@ -192,11 +208,12 @@ def make_synthetic_dataset(directory, count, seed=0, image_size=56, test_count=N
     train_rows, train_attributes = _write_split(directory, "train", train_combinations, count, seed, image_size)
     test_rows, test_attributes = _write_split(directory, "test", list(COMBINATIONS), test_count, seed,
                                               image_size)
-    # Style set: the first training image of STYLE_COUNT different (shape, colour) pairs.
+    # Style set: the first training image of every (shape, colour) pair, so the new style is
+    # shown with every content word (20 examples when the training split has every pair).
     style_rows, seen = [], set()
     for row, attribute in zip(train_rows, train_attributes):
         pair = (attribute["shape"], attribute["colour"])
-        if pair not in seen and len(style_rows) < STYLE_COUNT:
+        if pair not in seen:
             seen.add(pair)
             style_rows.append({"img": "../" + row["img"], "prompt": PROMPT,
                                "label": style_label_for(*pair)})
@@ -208,7 +225,8 @@ def make_synthetic_dataset(directory, count, seed=0, image_size=56, test_count=N
     _write_json(paths["test"], test_rows)
     _write_json(paths["style"], style_rows)
     _write_json(paths["metadata"], {
-        "seed": seed, "count": count, "test_count": test_count, "image_size": image_size,
+        "format": FORMAT_VERSION, "seed": seed, "count": count, "test_count": test_count,
+        "image_size": image_size,
         "prompt": PROMPT, "label_template": LABEL_TEMPLATE, "style_template": STYLE_TEMPLATE,
         "shapes": list(SHAPES), "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
         "held_out_combinations": [list(c) for c in held_out],

@@ -1,5 +1,6 @@
 """Synthetic coloured-shapes dataset: byte-for-byte determinism, the fewshot json schema, the
 held-out split, the style set, its tokenizer, the CLI and the generation speed."""
+import itertools
 import json
 import os
 import time
@@ -15,8 +16,8 @@ from research.visualglm.configuration_glm import GLMConfig
 from research.visualglm.dataset_visualglm import VisualGLMDataLoader
 from research.visualglm.processing_visualglm import VisualGLMProcessor
 from research.visualglm.synthetic_data import (
-    BACKGROUNDS, COLOURS, COMBINATIONS, PROMPT, SHAPES, build_synthetic_tokenizer, label_for,
-    make_synthetic_dataset, style_label_for)
+    BACKGROUNDS, COLOURS, COMBINATIONS, FORMAT_VERSION, PROMPT, SHAPES, TEMPLATE_PIECES,
+    build_synthetic_tokenizer, label_for, make_synthetic_dataset, style_label_for)
 from research.visualglm.tokenization_chatglm import ChatGLMTokenizer
 
 
@@ -110,14 +111,22 @@ def test_held_out_split(dataset):
 
 
 def test_style_set(dataset):
+    """One training image per (shape, colour) pair: the new style is shown with every content word."""
     directory, summary = dataset
     rows = read_json(os.path.join(directory, "style", "dataset.json"))
-    assert len(rows) == summary["style"] == 8
-    assert len({r["label"] for r in rows}) == 8
+    metadata = read_json(os.path.join(directory, "metadata.json"))
+    assert len(rows) == summary["style"] == len(SHAPES) * len(COLOURS) == 20
+    attributes = {a["img"]: a for a in metadata["train"]}
+    pairs = set()
     for row in rows:
-        assert row["prompt"] == PROMPT and row["label"].startswith("图里是") and row["label"].endswith("哦！")
+        assert row["prompt"] == PROMPT
+        image = attributes[os.path.relpath(row["img"], "..")]
+        assert row["label"] == style_label_for(image["shape"], image["colour"])
+        pairs.add((image["shape"], image["colour"]))
         assert os.path.isfile(os.path.join(directory, "style", row["img"]))
+    assert pairs == set(itertools.product(SHAPES, COLOURS))
     assert style_label_for("圆形", "红色") == "图里是红色的圆形哦！"
+    assert metadata["format"] == FORMAT_VERSION
 
 
 def test_tokenizer_encodes_every_text_without_unknown_pieces(tokenizer):
@@ -134,6 +143,21 @@ def test_tokenizer_encodes_every_text_without_unknown_pieces(tokenizer):
         assert tokenizer.decode(ids) == text
     # Every attribute word has its own id sequence: labels differing in one word encode differently.
     assert len({tuple(tokenizer.encode(label_for(*c), add_special_tokens=False)) for c in COMBINATIONS}) == 60
+    assert tokenizer.vocab_size <= 704  # the tiny demo model's vocab_size
+
+
+def test_content_words_are_pieces_the_style_reuses(tokenizer):
+    """Each content and template word is one piece, so the style answer carries the base answer's
+    colour and shape ids at the same positions: LoRA learns the words around them only."""
+    for word in TEMPLATE_PIECES:
+        assert tokenizer.convert_ids_to_tokens(tokenizer.encode(word, add_special_tokens=False))[-1] == word
+    for shape, colour, background in COMBINATIONS:
+        base = tokenizer.convert_ids_to_tokens(
+            tokenizer.encode(label_for(shape, colour, background), add_special_tokens=False))
+        style = tokenizer.convert_ids_to_tokens(
+            tokenizer.encode(style_label_for(shape, colour), add_special_tokens=False))
+        assert base[1:5] == ["一个", colour, "的", shape] and base[6:8] == ["背景是", background]
+        assert style[1:5] == ["图里是", colour, "的", shape]
 
 
 def test_loader_reads_the_synthetic_dataset(dataset, tokenizer):
@@ -144,7 +168,7 @@ def test_loader_reads_the_synthetic_dataset(dataset, tokenizer):
                        mask_token_id=4, gmask_token_id=5)
     train = VisualGLMDataLoader(os.path.join(directory, "dataset.json"), processor, 64, 32, config)
     style = VisualGLMDataLoader(os.path.join(directory, "style", "dataset.json"), processor, 64, 32, config)
-    assert (len(train), len(style)) == (120, 8)
+    assert (len(train), len(style)) == (120, 20)
     sample = style[0]
     answer = tokenizer.encode(read_json(os.path.join(directory, "style", "dataset.json"))[0]["label"],
                               add_special_tokens=False)
@@ -164,7 +188,9 @@ def test_cli_prints_what_it_wrote(tmp_path, capsys):
     assert synthetic_data.main(["--output_dir", out, "--count", "12", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 12 training images" in printed and "wrote 1 held-out images" in printed
-    assert "wrote 8 style examples" in printed and os.path.join(out, "ice_text.model") in printed
+    style = read_json(os.path.join(out, "style", "dataset.json"))
+    assert f"wrote {len(style)} style examples" in printed and os.path.join(out, "ice_text.model") in printed
+    assert 1 <= len(style) <= 12 and len({row["label"] for row in style}) == len(style)
     assert len(read_json(os.path.join(out, "dataset.json"))) == 12
     assert os.path.isfile(os.path.join(out, "ice_text.model"))
     assert synthetic_data.main(["--output_dir", out, "--count", "0"]) == 2
