@@ -32,7 +32,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="default: runner_config.epochs")
     parser.add_argument("--output_dir", default=None, help="default: the YAML's output_dir")
     parser.add_argument("--resume", default=None,
-                        help="'True' for the latest checkpoint in output_dir, or a checkpoint path")
+                        help="'True' for the latest checkpoint in output_dir (nothing saved yet: "
+                             "start at step 0), or a checkpoint path")
     args = parser.parse_args(argv)
     resume = {"true": True, "false": None}.get(str(args.resume).lower(), args.resume)
     return finetune(args.config, graph_mode=args.graph_mode, batch_size=args.batch_size,
