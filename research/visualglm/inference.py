@@ -18,6 +18,7 @@ from research.common.checkpoint import read_checkpoint
 from research.common.config import load_config, resolve_config_path
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
+from research.common.image_processing import check_image
 from research.common.lora import load_lora_checkpoint, merge_lora
 from research.common.memory import check_memory
 from research.common.prompts import VisualGLMPrompt
@@ -230,9 +231,10 @@ def load_visualglm(config=DEFAULT_CONFIG, *, device_id=0, seq_length=None, use_p
             f"processor.image_processor.image_size ({processor.image_processor.image_size}) must "
             f"equal vision_config.image_size ({model_config.vision_config.image_size})")
     check_special_ids(text, processor.tokenizer)
-    if inputs:
-        processor([image for image, _ in inputs], [query for _, query in inputs], english=english,
-                  max_length=text.seq_length)
+    for index, (image, query) in enumerate(inputs or ()):  # cheap checks: answer() decodes for real
+        check_image(image)
+        ids, _ = processor.encode_prompt(query, english=english)
+        processor.check_length(ids, max_length=text.seq_length, index=index if len(inputs) > 1 else None)
     if lora_checkpoint and not text.pet_config:
         raise UserInputError(f"{yaml_config.source.path}: text_config.pet_config is not set; it "
                              f"must describe the LoRA that {lora_checkpoint} was trained with")
