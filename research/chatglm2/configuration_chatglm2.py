@@ -78,10 +78,11 @@ class ChatGLM2Config(ModelConfig):
     top_p: float = 1.0
     temperature: float = 1.0
     checkpoint_name_or_path: str = ""
+    # MindFormers' rows per forward pass: here the run scripts' default --batch_size (the graphs
+    # take any batch).
+    batch_size: int = 1
 
     UNSUPPORTED_FIELDS = {
-        "batch_size": "the batch is not part of the model here: run scripts take --batch_size; "
-                      "remove the field",
         "is_sample_acceleration": "it selects MindFormers' Ascend sampling inside the graph; here "
                                   "research/common/generation.py samples; remove the field",
         "qkv_concat": "the fused query_key_value is the only layout here (MindFormers 1.9's "
@@ -134,7 +135,7 @@ class ChatGLM2Config(ModelConfig):
                                batch_size=batch_size)
 
     def validate(self):
-        for name in ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size",
+        for name in ("batch_size", "num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size",
                      "kv_channels", "num_attention_heads", "multi_query_group_num", "seq_length",
                      "max_decode_length", "layernorm_epsilon", "rope_ratio"):
             if getattr(self, name) <= 0:
@@ -166,7 +167,7 @@ def chatglm2_tiny():
     """The tiny ChatGLM2 of configs/chatglm2/run_glm2_tiny.yaml: ChatGLM2-6B's architecture
     (2 KV groups, RoPE on half of each head, SwiGLU, untied output) in 2 layers of 64, with a
     head width (4 x 24) unlike hidden_size, for trying things and testing on a CPU."""
-    return ChatGLM2Config(num_layers=2, padded_vocab_size=320, hidden_size=64, ffn_hidden_size=128,
+    return ChatGLM2Config(num_layers=2, padded_vocab_size=640, hidden_size=64, ffn_hidden_size=128,
                           kv_channels=24, num_attention_heads=4, multi_query_group_num=2,
                           seq_length=64, max_decode_length=64, param_init_type="float32",
                           compute_dtype="float32", use_past=True, do_sample=False)

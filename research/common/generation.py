@@ -11,14 +11,17 @@ InGraphCausalLM), exported MindIR graphs (research.common.lite), or a wrapper re
 (benchmarks). Every array crossing the interface is numpy.
 """
 import dataclasses
-from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, List, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from research.common.errors import UserInputError
 from research.common.kv_cache import bucket_length
 from research.common.sampling import (Argmax, SamplingRule, check_sampling_settings, choose_next_tokens,
-                                      history_free_argmax)
+                                      guard_invalid_scores, history_free_argmax)
+
+# ends_in_loop: a block repeated this many times in a row is a loop.
+LOOP_REPEATS = 3
 
 
 @runtime_checkable
@@ -43,10 +46,11 @@ class CausalLM(Protocol):
         """Make a KV cache of at least `min_length` slots ready; returns its length T."""
 
     def prefill(self, *, input_ids, position_ids, attention_mask, logits_index,
-                inputs_embeds=None, argmax: Optional[Argmax] = None) -> np.ndarray:
-        """Write the prompt [B,P] at cache slots 0..P-1 (mask [B,1,P,T]); logits [B,V] at
-        logits_index [B], or with `argmax` the ids [B] it chooses from them (greedy decoding:
-        taken where the logits are, so they need not be copied to the host)."""
+                inputs_embeds=None, argmax: Optional[Argmax] = None, cache_index: int = 0) -> np.ndarray:
+        """Write the prompt [B,P] at cache slots cache_index..cache_index+P-1 (mask [B,1,P,T]);
+        logits [B,V] at logits_index [B] (an index into the P tokens), or with `argmax` the ids
+        [B] it chooses from them (greedy decoding: taken where the logits are, so they need not
+        be copied to the host). A cache_index > 0 continues a `Conversation`."""
 
     def decode(self, *, input_ids, position_ids, attention_mask, cache_index: int,
                argmax: Optional[Argmax] = None) -> np.ndarray:
@@ -77,6 +81,12 @@ class GenerationConfig:
     valid_vocab_size: Optional[int] = None
     use_past: bool = True
     seed: int = 0
+    # Upstream ChatGLM's InvalidScoreLogitsProcessor (chat/stream_chat): a row whose logits hold
+    # a NaN or Inf gets token 5 instead of garbage.
+    invalid_score_guard: bool = False
+    # Stop a row whose new tokens end with a block of up to this many tokens three times in a row
+    # (an n-gram loop guard; 0: off).
+    repetition_stop: int = 0
     # Whose sampling to reproduce (research.common.sampling): "sat" is SwissArmyTransformer's
     # BaseStrategy (upstream VisualGLM), "hf" transformers' logits processors (ChatGLM2, MiniGPT-4).
     sampling_rule: SamplingRule = "hf"
@@ -103,11 +113,12 @@ class GenerationConfig:
         if self.repetition_penalty <= 0:
             raise UserInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check_sampling_settings(self)
+        if self.repetition_stop < 0:
+            raise UserInputError(f"repetition_stop must be >= 0, got {self.repetition_stop}")
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserInputError(f"{name} must be positive, got {value}")
-
 
 
 def plan_lengths(prompts, config: GenerationConfig, seq_length):
@@ -142,8 +153,23 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
     `prompt_embeds` [B,P,H] replaces the prompt's token embeddings (VisualGLM's image
     tokens); rows are aligned with the left-padded prompts. `on_tokens` is called after each
     step with the new token of every row (None for rows that have already stopped).
-    Each row stops at eos or a stop id (kept in its output), or at the length limit.
+    Each row stops at eos or a stop id (kept in its output), at a loop when
+    `config.repetition_stop` asks, or at the length limit.
     """
+    outputs = [[] for _ in prompts]
+    for step_tokens in generate_steps(model, prompts, config, prompt_embeds):
+        for row, token in enumerate(step_tokens):
+            if token is not None:
+                outputs[row].append(token)
+        if on_tokens is not None:
+            on_tokens(step_tokens)
+    return outputs
+
+
+def generate_steps(model: CausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                   prompt_embeds: Optional[np.ndarray] = None) -> Iterator[List[Optional[int]]]:
+    """generate() one step at a time: yields the new token of every row after each step (None
+    for rows that have already stopped), so a caller can stream and stop early."""
     config.validate()
     prompt_slots, limit = plan_lengths(prompts, config, model.seq_length)
     batch = len(prompts)
@@ -153,36 +179,63 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
     for row, prompt in enumerate(prompts):
         ids[row, pad_lengths[row]:prompt_slots] = prompt
     position_ids, mask = model.generation_inputs(ids, pad_lengths)
+    prompt_ids = [np.asarray(p, np.int32) for p in prompts]
+    yield from _decode_steps(model, ids, position_ids, mask, prompt_ids, config, _Prefill(0, prompt_slots, prompt_slots),
+                             limit, prompt_embeds)
 
-    def embeddings(width):
-        """Token embeddings of ids[:, :width] with `prompt_embeds` over the prompt (or None)."""
+
+@dataclasses.dataclass(frozen=True)
+class _Prefill:
+    """The first forward of a generation: slots start..start+width-1 (width >= end - start; the
+    slots from `end` on are padding that the decode steps overwrite before anything attends to
+    them), the prompt ending at slot end - 1."""
+
+    start: int
+    end: int
+    width: int
+
+
+def _decode_steps(model: CausalLM, ids, position_ids, mask, prompt_ids, config: GenerationConfig,
+                  prefill: _Prefill, limit, prompt_embeds=None):
+    """The generation loop over laid-out rows `ids` [B,T] (the prompt ends at prefill.end):
+    yields each step's new tokens and writes them into `ids`."""
+    batch, length = ids.shape
+    prompt_end = prefill.end
+
+    def embeddings(first, width):
+        """Token embeddings of ids[:, first:first+width] with `prompt_embeds` over the prompt (or None)."""
         if prompt_embeds is None:
             return None
-        embeds = model.token_embeddings(ids[:, :width])
-        embeds[:, prompt_slots - prompt_embeds.shape[1]:prompt_slots] = prompt_embeds
+        embeds = model.token_embeddings(ids[:, first:first + width])
+        embeds[:, prompt_end - first - prompt_embeds.shape[1]:prompt_end - first] = prompt_embeds
         return embeds
 
-    prompt_ids = [np.asarray(p, np.int32) for p in prompts]
     rng = np.random.RandomState(config.seed)
-    # Greedy without a penalty: the model takes the argmax (in the graph), so a step copies B
-    # ids to the host, not B x V logits, and builds no history.
-    argmax = history_free_argmax(config)
+    # Greedy without a penalty (and without upstream ChatGLM's NaN/Inf guard, which needs the
+    # logits): the model takes the argmax (in the graph), so a step copies B ids to the host,
+    # not B x V logits, and builds no history.
+    argmax = None if config.invalid_score_guard else history_free_argmax(config)
 
     def choose(logits, step):
-        generated = [ids[row, prompt_slots:step + 1] for row in range(batch)]
+        if config.invalid_score_guard:
+            logits = guard_invalid_scores(logits)
+        generated = [ids[row, prompt_end:step + 1] for row in range(batch)]
         return choose_next_tokens(logits, prompt_ids, generated, config, rng)
 
     def tokens_after(step):
         """The tokens [B] at position step + 1, the tokens up to `step` being in ids."""
-        last = np.full((batch,), step, np.int32)
         if not config.use_past:
             logits = model.forward(input_ids=ids, position_ids=position_ids, attention_mask=mask,
-                                   logits_index=last, inputs_embeds=embeddings(length))
+                                   logits_index=np.full((batch,), step, np.int32),
+                                   inputs_embeds=embeddings(0, length))
             return choose(logits, step) if argmax is None else argmax.of(logits)
-        if step == prompt_slots - 1:
-            scores = model.prefill(input_ids=ids[:, :prompt_slots], position_ids=position_ids[..., :prompt_slots],
-                                   attention_mask=mask[..., :prompt_slots, :], logits_index=last,
-                                   inputs_embeds=embeddings(prompt_slots), argmax=argmax)
+        if step == prompt_end - 1:
+            window = slice(prefill.start, prefill.start + prefill.width)
+            scores = model.prefill(input_ids=ids[:, window], position_ids=position_ids[..., window],
+                                   attention_mask=mask[..., window, :],
+                                   logits_index=np.full((batch,), step - prefill.start, np.int32),
+                                   inputs_embeds=embeddings(prefill.start, prefill.width), argmax=argmax,
+                                   cache_index=prefill.start)
         else:
             scores = model.decode(input_ids=ids[:, step:step + 1], position_ids=position_ids[..., step:step + 1],
                                   attention_mask=mask[..., step:step + 1, :], cache_index=step, argmax=argmax)
@@ -190,18 +243,81 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
 
     stop_ids = list(config.stop_token_ids) + ([] if config.eos_token_id is None else [config.eos_token_id])
     finished = np.zeros(batch, bool)
-    outputs = [[] for _ in range(batch)]
-    chosen = tokens_after(prompt_slots - 1)
-    for step in range(prompt_slots, limit):
+    chosen = tokens_after(prompt_end - 1)
+    for step in range(prompt_end, limit):
         chosen = np.where(finished, config.pad_token_id, chosen).astype(np.int32)
         ids[:, step] = chosen
-        for row in np.flatnonzero(~finished):
-            outputs[row].append(int(chosen[row]))
-        if on_tokens is not None:
-            on_tokens([None if done else int(tok) for tok, done in zip(chosen, finished)])
+        yield [None if done else int(tok) for tok, done in zip(chosen, finished)]
         finished |= np.isin(chosen, stop_ids)
+        if config.repetition_stop:
+            finished |= [ends_in_loop(ids[row, prompt_end:step + 1], config.repetition_stop)
+                         for row in range(batch)]
         if finished.all() or step + 1 == limit:
             break
         chosen = tokens_after(step)
-    return outputs
 
+
+def ends_in_loop(tokens, max_block, repeats=LOOP_REPEATS):
+    """Whether `tokens` end with a block of 1..max_block tokens repeated `repeats` times in a
+    row (the n-gram loop a model can fall into and never leave)."""
+    tokens = np.asarray(tokens)
+    for block in range(1, max_block + 1):
+        tail = tokens[len(tokens) - block * repeats:]
+        if len(tail) == block * repeats and (tail.reshape(repeats, block) == tail[-block:]).all():
+            return True
+    return False
+
+
+class Conversation:
+    """One conversation continued on a decoder's KV cache from call to call, as upstream
+    ChatGLM2's stream_chat reuses past_key_values: each `reply` prefills only the tokens the
+    cache does not hold yet, after the conversation so far.
+
+    Positions run from 0 at slot 0, so for a causal decoder (ChatGLM2, LLaMA) the tokens equal
+    generating on `tokens + new_ids` from scratch. The cache is the model's in-graph one, with
+    all seq_length slots; if another generate() on the model replaced it meanwhile, the next
+    reply re-encodes the whole conversation (same tokens, more work).
+    """
+
+    def __init__(self, model: CausalLM, pad_token_id=0):
+        self.model = model
+        self.length = model.seq_length
+        self.ids = np.full((1, self.length), pad_token_id, np.int32)
+        self.end = 0  # ids[0, :end] is the conversation
+        self.filled = 0  # slots 0..filled-1 hold its keys/values
+        self._cache = None  # the model's cache object these slots are in
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.ids[0, :self.end].tolist()
+
+    def reply_steps(self, new_ids: Sequence[int], config: GenerationConfig) -> Iterator[Optional[int]]:
+        """Append `new_ids` and generate after them (use_past is implied): yields each new token.
+        The conversation grows by the new ids and the answer (its stop token included)."""
+        config.validate()
+        new_ids = list(new_ids)
+        if not new_ids:
+            raise UserInputError("a reply needs at least one new token")
+        prompt_end = self.end + len(new_ids)
+        limit = self.length if config.max_length is None else min(self.length, config.max_length)
+        if config.max_new_tokens is not None:
+            limit = min(limit, prompt_end + config.max_new_tokens)
+        if prompt_end >= limit:
+            raise UserInputError(f"the conversation would be {prompt_end} tokens, which leaves no room for an "
+                                 f"answer within {limit} (seq_length {self.length}); start a new one")
+        self.model.start_cache(1, self.length)
+        cache = getattr(self.model, "cached_decoder", None)
+        if cache is None or cache is not self._cache:
+            self.filled, self._cache = 0, cache  # a new cache: encode everything again
+        self.ids[0, self.end:prompt_end] = new_ids
+        position_ids, mask = self.model.generation_inputs(self.ids, [0])
+        width = bucket_length(prompt_end - self.filled, self.length - self.filled)
+        steps = _decode_steps(self.model, self.ids, position_ids, mask, [self.ids[0, :prompt_end].copy()],
+                              dataclasses.replace(config, use_past=True),
+                              _Prefill(self.filled, prompt_end, width), limit)
+        for end, (token,) in enumerate(steps, prompt_end):
+            # the slots before this token are in the cache now; the token itself only once the
+            # next step has run, which a stopped or interrupted reply never does. A reply
+            # interrupted before its first token leaves the conversation as it was.
+            self.filled, self.end = end, end + 1
+            yield token

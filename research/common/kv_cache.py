@@ -130,9 +130,9 @@ class InGraphCausalLM:
         return length
 
     def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None,
-                argmax=None):
+                argmax=None, cache_index=0):
         return self.cached_decoder(*_tensors(input_ids, position_ids, attention_mask, inputs_embeds),
-                                   Tensor(0, ms.int32), Tensor(logits_index, ms.int32),
+                                   Tensor(cache_index, ms.int32), Tensor(logits_index, ms.int32),
                                    *_argmax_constants(argmax)).asnumpy()
 
     def decode(self, *, input_ids, position_ids, attention_mask, cache_index, argmax=None):

@@ -1,9 +1,8 @@
 """Chat prompt styles: how a model's chat turns become prompt text, which ids end its answers,
 and how a decoded answer is cleaned up (after litgpt's prompts.py).
 
-One small class per model family. VisualGLM-6B's is here; ChatGLM2-6B's
-("[Round i]\\n\\n问：{q}\\n\\n答：{a}\\n\\n" per turn) and MiniGPT-4's
-("###Human: <Img><ImageHere></Img> {q}###Assistant:", with "###" as a stop sequence) subclass
+One small class per model family: VisualGLM-6B's and ChatGLM2-6B's are here; MiniGPT-4's
+("###Human: <Img><ImageHere></Img> {q}###Assistant:", with "###" as a stop sequence) subclasses
 the same base. Image placeholders that are not text of the prompt (VisualGLM's "<img></img>"
 and its id layout) belong to the model's processor, not here.
 """
@@ -57,6 +56,11 @@ class PromptStyle(abc.ABC):
         return turns
 
 
+def chatglm_postprocess(answer):
+    """Upstream ChatGLM's process_response: strip, and "[[训练时间]]" -> "2023年"."""
+    return answer.strip().replace("[[训练时间]]", "2023年")
+
+
 class VisualGLMPrompt(PromptStyle):
     """VisualGLM-6B's chat() turns (upstream model/chat.py), Chinese or English.
 
@@ -74,7 +78,7 @@ class VisualGLMPrompt(PromptStyle):
         return f"{turns}{self.question}{query}\n{self.answer}"
 
     def postprocess(self, answer):
-        answer = answer.strip().replace("[[训练时间]]", "2023年")
+        answer = chatglm_postprocess(answer)
         for half, full in _FULL_WIDTH:
             answer = re.sub(f"({_CJK}){half}", rf"\g<1>{full}", answer)
             answer = re.sub(f"{half}({_CJK})", rf"{full}\g<1>", answer)
@@ -83,3 +87,26 @@ class VisualGLMPrompt(PromptStyle):
     def extract_answer(self, decoded_text):
         """Text without the separator (a decoded answer alone) comes back post-processed."""
         return self.postprocess(decoded_text).split(self.answer)[-1].strip()
+
+
+class ChatGLM2Prompt(PromptStyle):
+    """ChatGLM2-6B's build_prompt (HF tokenization_chatglm.py): "[Round i]\\n\\n问：{q}\\n\\n答：{a}\\n\\n"
+    per past turn (i from 1), then "[Round n]\\n\\n问：{q}\\n\\n答："; answers as upstream's
+    process_response (strip, "[[训练时间]]" -> "2023年")."""
+
+    def build_prompt(self, query, history=()):
+        turns = self.checked_turns(query, history)
+        past = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(turns, 1))
+        return f"{past}[Round {len(turns) + 1}]\n\n问：{query}\n\n答："
+
+    def next_round(self, query, round_number):
+        """The text that continues a conversation whose prompt and answers are already encoded
+        (upstream stream_chat with past_key_values): "\\n\\n[Round n]\\n\\n问：{q}\\n\\n答："."""
+        self.checked_turns(query, ())
+        return f"\n\n[Round {round_number}]\n\n问：{query}\n\n答："
+
+    def postprocess(self, answer):
+        return chatglm_postprocess(answer)
+
+    def extract_answer(self, decoded_text):
+        return self.postprocess(decoded_text.split("答：")[-1])

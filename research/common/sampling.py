@@ -88,6 +88,21 @@ class Argmax:
         return np.argmax(scaled, axis=-1).astype(np.int32)
 
 
+# Upstream ChatGLM's InvalidScoreLogitsProcessor: all-zero scores with this id at 5e4.
+INVALID_SCORE_TOKEN = 5
+
+
+def guard_invalid_scores(logits: np.ndarray) -> np.ndarray:
+    """Logits [B,V] with each row that holds a NaN or Inf replaced by zeros and 5e4 at id 5, as
+    upstream ChatGLM's chat() does (upstream replaces the whole batch; a row here, so batched
+    answers equal one-by-one ones)."""
+    logits = np.array(logits, dtype=np.float32)
+    invalid = ~np.isfinite(logits).all(axis=-1)
+    logits[invalid] = 0.0
+    logits[invalid, INVALID_SCORE_TOKEN] = 5e4
+    return logits
+
+
 def history_free_argmax(config: SamplingSettings) -> Optional[Argmax]:
     """The rule's choice as an `Argmax` when it is one (greedy, no repetition penalty: the
     argmax of `penalised_logits`), else None (the host needs the logits and the history)."""

@@ -5,9 +5,10 @@ cannot be downloaded here, and tests need tokenizers that behave the same way: t
 control and user-defined pieces, the same whitespace conventions, and byte fallback so any
 text round-trips. `train_sentencepiece_model` builds any such layout; training is in-process,
 single-threaded and unshuffled, so the same inputs give byte-identical files.
-`train_tiny_ice_text_model` is the ice_text-style one (examples/tiny/ice_text.model).
+`train_tiny_ice_text_model` is the ice_text-style one (examples/tiny/ice_text.model),
+`train_tiny_chatglm2_model` ChatGLM2's tokenizer.model-style one (examples/tiny/chatglm2_tokenizer.model).
 
-Usage: python -m research.common.testing OUT.model      (the tiny ice_text-style model)
+Usage: python -m research.common.testing [--chatglm2] OUT.model
 """
 import io
 import itertools
@@ -118,13 +119,25 @@ def train_tiny_ice_text_model(output_path, sentences=None, vocab_size=DEFAULT_VO
         vocab_size, ICE_TEXT_PIECES, pad_id=3)
 
 
+def train_tiny_chatglm2_model(output_path, sentences=None, vocab_size=DEFAULT_VOCAB_SIZE):
+    """A tiny ChatGLM2 tokenizer.model-style model: <unk> <s> </s> and text pieces only (the
+    tokenizer appends its special ids), raw newlines (byte pieces), trained on `sentences`
+    (default: default_sentences() in ChatGLM2's "[Round 1]" layout). Returns the absolute path."""
+    if sentences is None:
+        sentences = [f"[Round 1]\n\n{line.replace(chr(10), chr(10) * 2)}" for line in default_sentences()]
+    return train_sentencepiece_model(output_path, sentences, vocab_size)
+
+
 def main(argv=None):
-    """Command line entry: build the tiny ice_text-style model at the given path."""
+    """Command line entry: build a tiny model at the given path (ice_text-style by default)."""
     argv = sys.argv[1:] if argv is None else argv
+    build = train_tiny_ice_text_model
+    if argv[:1] == ["--chatglm2"]:
+        build, argv = train_tiny_chatglm2_model, argv[1:]
     if len(argv) != 1:
-        print("usage: python -m research.common.testing OUT.model", file=sys.stderr)
+        print("usage: python -m research.common.testing [--chatglm2] OUT.model", file=sys.stderr)
         return 2
-    print(train_tiny_ice_text_model(argv[0]))
+    print(build(argv[0]))
     return 0
 
 

@@ -8,7 +8,8 @@ Folders under the export's output directory (seed 001):
 `seq` is the text length (`--seq_length`, as in run_visualglm.py and seed 001's example
 `bs_1_512` for `--seq_length 512`); the graphs' static GLM length is seq + the 32 image tokens.
 
-The decoder graphs are research.common.lite.export's; at run time the image encoder graph
+The decoder graphs, their folders and the checks before loading them are
+research.common.lite's (export, decoder_graphs); at run time the image encoder graph
 gives 32 embeddings per image, the prompt's token embeddings are a numpy gather from
 `glm_6b_for_lite.ckpt`, the image embeddings replace the placeholders after `<img>`, and
 research.common.lite.runtime.GraphCausalLM runs the GLM graphs through the same generation
@@ -16,19 +17,20 @@ loop as the in-graph model.
 """
 import dataclasses
 import os
-import re
 import time
 
 import numpy as np
 import mindspore as ms
 
-from research.common.checkpoint import read_checkpoint
 from research.common.config import repo_path
-from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from research.common.generation import generate
-from research.common.lite.export import (DECODE_INPUTS, PREFILL_INPUTS, DecodeGraph, PrefillGraph,
-                                         decoder_example_inputs, export_cell)
+from research.common.lite import decoder_graphs
+from research.common.lite.decoder_graphs import (DECODER_FOLDERS, DECODER_INPUTS, DECODER_NAMES,
+                                                 check_embedding_table, check_exported_together,
+                                                 check_graph_files, export_decoder_graphs,
+                                                 full_graph_folder, save_embedding_table)
+from research.common.lite.export import export_cell
 from research.common.lite.graphs import check_graph_kind, read_graph_inputs
 from research.common.lite.runtime import Graph, GraphCausalLM, GraphCellRuntime, select_runtime
 from research.common.prompts import VisualGLMPrompt
@@ -40,32 +42,27 @@ from research.visualglm.modeling_glm import glm_positions_and_mask
 from research.visualglm.modeling_visualglm import splice_prompt_embeddings
 from research.visualglm.processing_visualglm import build_processor
 
-GRAPH_FILE = "rank_{rank}_graph.mindir"
-FOLDERS = {"full": "mindir_full_checkpoint_bs_{batch_size}_{seq_length}",
-           "inc": "mindir_inc_checkpoint_bs_{batch_size}_{seq_length}",
-           "image_encoder": "mindir_image_encoder_bs_{batch_size}"}
-GRAPH_INPUTS = {"full": PREFILL_INPUTS, "inc": DECODE_INPUTS, "image_encoder": ("pixel_values",)}
-GRAPH_NAMES = {"full": "full (prefill) graph", "inc": "incremental (one-token) graph",
-               "image_encoder": "image encoder graph"}
+FOLDERS = {**DECODER_FOLDERS, "image_encoder": "mindir_image_encoder_bs_{batch_size}"}
+GRAPH_INPUTS = {**DECODER_INPUTS, "image_encoder": ("pixel_values",)}
+GRAPH_NAMES = {**DECODER_NAMES, "image_encoder": "image encoder graph"}
 DEFAULT_GE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context.cfg")
+WHAT_LITE = "the GLM word embeddings for Lite"
 
 
 def graph_paths(output_dir, batch_size, seq_length, rank=0):
     """{graph kind: path} of the files an export with these settings writes."""
-    name = GRAPH_FILE.format(rank=rank)
-    return {kind: os.path.join(output_dir, folder.format(batch_size=batch_size, seq_length=seq_length), name)
-            for kind, folder in FOLDERS.items()}
+    return decoder_graphs.graph_paths(output_dir, batch_size, seq_length, rank, FOLDERS)
 
 
 def default_image_encoder_path(full_model_path):
     """The encoder file exported beside a full graph: `.../mindir_full_checkpoint_bs_B_S/F`
     -> `.../mindir_image_encoder_bs_B/F`; None when the path does not follow that naming."""
-    folder, name = os.path.split(os.path.abspath(full_model_path))
-    parent, leaf = os.path.split(folder)
-    match = re.fullmatch(r"mindir_full_checkpoint_bs_(\d+)_\d+", leaf)
-    if not match:
+    found = full_graph_folder(full_model_path)
+    if found is None:
         return None
-    return os.path.join(parent, FOLDERS["image_encoder"].format(batch_size=match.group(1)), name)
+    parent, batch_size, _ = found
+    return os.path.join(parent, FOLDERS["image_encoder"].format(batch_size=batch_size),
+                        os.path.basename(full_model_path))
 
 
 def graph_inputs(path, kind):
@@ -83,17 +80,14 @@ def export_visualglm_graphs(chat, output_dir, batch_size, use_past, rank=0):
     config, model = chat.config, chat.model
     text = config.text_config
     paths = graph_paths(output_dir, batch_size, text.seq_length - config.image_length, rank)
-    inputs = decoder_example_inputs(model.llm_model, batch_size, text.hidden_size,
-                                    lambda batch, length: (batch, 2, length))
+    written = export_decoder_graphs(model.llm_model, paths, batch_size, text.hidden_size,
+                                    lambda batch, length: (batch, 2, length), use_past)
     size = config.vision_config.image_size
-    cells = {"full": (PrefillGraph(model.llm_model), inputs["full"])}
-    if use_past:
-        cells["inc"] = (DecodeGraph(model.llm_model), inputs["inc"])
-    cells["image_encoder"] = (model.image_encoder, (ms.Tensor(np.zeros((batch_size, 3, size, size), np.float32)),))
-    written = {kind: export_cell(cell, example, paths[kind]) for kind, (cell, example) in cells.items()}
-    written["lite"] = os.path.join(os.path.dirname(written["full"]), LITE_CHECKPOINT)
+    written["image_encoder"] = export_cell(
+        model.image_encoder, (ms.Tensor(np.zeros((batch_size, 3, size, size), np.float32)),),
+        paths["image_encoder"])
     table = model.llm_model.transformer.word_embeddings.embedding_table.asnumpy()
-    save_checkpoint_atomic({LITE_PARAMETER: table}, written["lite"])
+    written["lite"] = save_embedding_table(table, written["full"], LITE_CHECKPOINT, LITE_PARAMETER)
     return written
 
 
@@ -101,16 +95,7 @@ def export_visualglm_graphs(chat, output_dir, batch_size, use_past, rank=0):
 
 def open_graphs(full_path, inc_path, encoder_path):
     """{kind: Graph} for the given files, checked against each other (not yet loaded)."""
-    if not full_path:
-        raise UserInputError("--full_model_path is required (the full graph written by "
-                             "export_lite_model.py, e.g. output/mindir_full_checkpoint_bs_1_512/"
-                             "rank_0_graph.mindir)")
-    if not os.path.exists(full_path):
-        raise UserInputError(f"{GRAPH_NAMES['full']} not found: {full_path}")
-    if inc_path and not os.path.exists(inc_path):
-        raise UserInputError(f"{GRAPH_NAMES['inc']} not found: {inc_path} (export it with "
-                             f"export_lite_model.py --use_past True, or leave out --inc_model_path "
-                             f"to re-run the full graph for every token)")
+    check_graph_files(full_path, inc_path, GRAPH_NAMES)
     if not encoder_path:
         encoder_path = default_image_encoder_path(full_path)
         if encoder_path is None:
@@ -122,47 +107,23 @@ def open_graphs(full_path, inc_path, encoder_path):
                                  f"from --full_model_path; give --image_encoder_path)")
     paths = {"full": full_path, "inc": inc_path, "image_encoder": encoder_path}
     graphs = {kind: Graph(kind, path, graph_inputs(path, kind)) for kind, path in paths.items() if path}
-    full = graphs["full"]
-    batch, length, _ = full["input_embeds"].shape
-    found = {"full": (batch, length)}
-    if "inc" in graphs:
-        inc = graphs["inc"]
-        found["inc"] = (inc["input_ids"].shape[0], inc["attention_mask"].shape[-1])
-        if inc["key_cache"].dtype != full["input_embeds"].dtype:
-            raise UserInputError(f"{inc.path} keeps its KV cache in {inc['key_cache'].dtype} but {full.path} "
-                                 f"computes in {full['input_embeds'].dtype}: export both together")
-    found["image_encoder"] = (graphs["image_encoder"]["pixel_values"].shape[0], None)
-    if any(b != batch or (s is not None and s != length) for b, s in found.values()):
-        listing = "; ".join(f"{GRAPH_NAMES[k]} {graphs[k].path}: batch size {b}"
-                            + (f", GLM length {s}" if s is not None else "") for k, (b, s) in found.items())
-        raise UserInputError(f"the graphs were not exported together ({listing}); export them with "
-                             f"one export_lite_model.py command")
+    check_exported_together(graphs, GRAPH_NAMES, length_name="GLM length",
+                            others={"image_encoder": (graphs["image_encoder"]["pixel_values"].shape[0], None)})
     return graphs
 
 
 def check_requested_shapes(full, batch_size, seq_length, image_length):
     """--batch_size / --seq_length against the exported shapes; returns the text length."""
-    batch, length, _ = full["input_embeds"].shape
+    length = full["input_embeds"].shape[1]
     text_length = length - image_length
-    exported = (f"{full.path} was exported with batch_size {batch} and seq_length {text_length} "
-                f"(GLM length {length} = {text_length} text + {image_length} image tokens)")
-    if batch_size is not None and batch_size != batch:
-        raise UserInputError(f"--batch_size {batch_size} was asked but {exported}; pass "
-                             f"--batch_size {batch}, or re-export with --batch_size {batch_size}")
-    if seq_length is not None and seq_length != text_length:
-        raise UserInputError(f"--seq_length {seq_length} was asked but {exported}; pass "
-                             f"--seq_length {text_length}, or re-export with --seq_length {seq_length}")
-    return text_length
+    return decoder_graphs.check_requested_shapes(
+        full, batch_size, seq_length, image_length,
+        f" (GLM length {length} = {text_length} text + {image_length} image tokens)")
 
 
 def ge_config_path(path):
     """--ge_config as given, else beside this module (seed 001 passes a bare `context.cfg`)."""
-    if path is None:
-        return DEFAULT_GE_CONFIG
-    for candidate in (path, os.path.join(os.path.dirname(DEFAULT_GE_CONFIG), path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise UserInputError(f"--ge_config not found: {path}")
+    return decoder_graphs.ge_config_path(path, DEFAULT_GE_CONFIG)
 
 
 def lite_checkpoint_path(lite_checkpoint, text_config, full_model_path):
@@ -170,32 +131,20 @@ def lite_checkpoint_path(lite_checkpoint, text_config, full_model_path):
     beside the full graph (the embeddings those graphs were exported with), else the YAML's GLM
     checkpoint if it is that file (seed 001) or the file beside it (where convert_weight.py
     writes it)."""
-    if lite_checkpoint:
-        if not os.path.isfile(lite_checkpoint):
-            raise UserInputError(f"{LITE_CHECKPOINT} (the GLM word embeddings for Lite) not found: "
-                                 f"{lite_checkpoint} (--lite_checkpoint)")
-        return lite_checkpoint
-    candidates = [(os.path.join(os.path.dirname(full_model_path), LITE_CHECKPOINT), "beside the full graph")]
+    candidates = []
     glm = text_config.checkpoint_name_or_path
     if glm:
         path = repo_path(glm if os.path.basename(glm) == LITE_CHECKPOINT
                          else os.path.join(os.path.dirname(glm), LITE_CHECKPOINT))
         candidates.append((path, "from the YAML's text_config.checkpoint_name_or_path"))
-    for path, _ in candidates:
-        if os.path.isfile(path):
-            return path
-    looked = "; ".join(f"{path} ({origin})" for path, origin in candidates)
-    raise UserInputError(f"{LITE_CHECKPOINT} (the GLM word embeddings for Lite) not found: looked for "
-                         f"{looked}; export_lite_model.py writes it beside the full graph, "
-                         f"convert_weight.py beside the GLM checkpoint; or pass --lite_checkpoint")
+    return decoder_graphs.lite_checkpoint_path(
+        lite_checkpoint, full_model_path, LITE_CHECKPOINT, WHAT_LITE, candidates,
+        "export_lite_model.py writes it beside the full graph, convert_weight.py beside the GLM checkpoint")
 
 
 def read_embedding_table(path):
     """The GLM word embeddings [vocab, hidden] (numpy) from a checkpoint that holds them."""
-    params = read_checkpoint(path, LITE_CHECKPOINT)
-    if LITE_PARAMETER not in params:
-        raise UserInputError(f"{path} has no {LITE_PARAMETER} (the GLM word embeddings)")
-    return params[LITE_PARAMETER]
+    return decoder_graphs.read_embedding_table(path, LITE_CHECKPOINT, LITE_PARAMETER, "the GLM word embeddings")
 
 
 class LiteVisualGLM:
@@ -206,14 +155,9 @@ class LiteVisualGLM:
         self.config, self.text_config = config, config.text_config
         self.processor, self.graphs, self.runtime_line = processor, graphs, runtime_line
         full = graphs["full"]
-        self.batch_size, self.seq_length, hidden = full["input_embeds"].shape
-        if embedding_table.ndim != 2 or embedding_table.shape[1] != hidden:
-            raise UserInputError(f"the word embeddings have shape {list(embedding_table.shape)} but the "
-                                 f"full graph takes hidden size {hidden}: wrong {LITE_CHECKPOINT}?")
-        if embedding_table.shape[0] < processor.tokenizer.vocab_size:
-            raise UserInputError(f"the word embeddings have {embedding_table.shape[0]} rows but the "
-                                 f"tokenizer has {processor.tokenizer.vocab_size} tokens")
-        self.embedding_table = embedding_table.astype(full["input_embeds"].dtype)
+        self.batch_size, self.seq_length, _ = full["input_embeds"].shape
+        self.embedding_table = check_embedding_table(embedding_table, full, processor.tokenizer.vocab_size,
+                                                     LITE_CHECKPOINT)
         size = graphs["image_encoder"]["pixel_values"].shape[-1]
         if processor.image_processor.image_size != size:
             raise UserInputError(f"the image encoder graph takes {size}x{size} images but the "

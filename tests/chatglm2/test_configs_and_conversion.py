@@ -69,7 +69,7 @@ def test_classes_are_registered_without_replacing_mindformers_own():
     ("pre_seq_len", 128, "P-Tuning"),
     ("rmsnorm", False, "expected Literal"),
     ("num_layers", "28", "expected int"),
-    ("batch_size", 1, "not supported"),
+    ("batch_size", 0, "must be positive"),
     ("multi_query_group_num", 3, "not divisible"),
 ])
 def test_bad_yaml_fields_are_refused_with_file_and_line(tmp_path, field, value, message):
@@ -82,6 +82,12 @@ def test_bad_yaml_fields_are_refused_with_file_and_line(tmp_path, field, value, 
 def test_mindformers_type_names_read_too(tmp_path):
     path = write_yaml(tmp_path / "mf.yaml", TINY, {"model.model_config.type": "ChatGLM2Config"})
     assert load_chatglm2_config(path)[1] == ChatGLM2Config.from_name("tiny")
+
+
+def test_mindformers_batch_size_is_the_default_batch(tmp_path):
+    """MindFormers' glm2 YAMLs set model_config.batch_size; it is the scripts' default --batch_size."""
+    path = write_yaml(tmp_path / "mf.yaml", TINY, {"model.model_config.batch_size": 8})
+    assert load_chatglm2_config(path)[1].batch_size == 8
 
 
 # --- the converter -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from research.common.errors import UserInputError
-from research.common.generation import GenerationConfig, generate
+from research.common.generation import GenerationConfig, ends_in_loop, generate
 from research.common.sampling import apply_repetition_penalty, filter_top_k_top_p
 from research.visualglm.modeling_glm import glm_positions_and_mask
 from tests.visualglm.glm_fixtures import glm_from_state_dict, prompt, random_bodies, sat_state_dict, tiny_glm_config
@@ -132,3 +132,14 @@ def test_in_place_cache_gives_the_full_forward_logits(model, config):
     np.testing.assert_allclose(np.stack(got, axis=1), full[:, 11:], atol=1e-5, rtol=0)
     assert model.start_cache(2, 40) == config.seq_length  # capped at seq_length
     assert not any("cache" in p.name for p in model.get_parameters())  # not saved as weights
+
+
+@pytest.mark.parametrize("tokens, max_block, expected", [
+    ([4, 7, 7, 7], 1, True),
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 3, True),
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 2, False),  # a 3-token loop needs blocks of 3
+    ([5, 1, 2, 1, 2], 2, False),  # twice is not a loop
+    ([9, 9], 4, False),
+])
+def test_ends_in_loop(tokens, max_block, expected):
+    assert ends_in_loop(tokens, max_block) is expected

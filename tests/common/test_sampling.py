@@ -14,8 +14,8 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopPLogitsWarper)
 
 from research.common.errors import UserInputError
-from research.common.sampling import (check_sampling_settings, choose_next_tokens, history_free_argmax,
-                                      next_token_probabilities)
+from research.common.sampling import (INVALID_SCORE_TOKEN, check_sampling_settings, choose_next_tokens,
+                                      guard_invalid_scores, history_free_argmax, next_token_probabilities)
 from tests.sat_reference import _prepare_sat_import
 
 VOCAB, VALID = 2048, 2000  # ids >= VALID are banned when valid_vocab_size is set
@@ -242,3 +242,10 @@ def test_only_a_history_free_greedy_choice_becomes_an_argmax():
     assert (hf.below, hf.temperature) == (100, 1.0)  # HF's greedy does not divide
     sat = history_free_argmax(Settings("sat", do_sample=False, temperature=0.5))
     assert sat.temperature == 0.5 and sat.below >= 2 ** 31 - 1
+
+
+def test_invalid_score_guard_replaces_only_the_bad_rows():
+    logits = np.array([[0.5, np.inf, 1.0, 0.0, 0.0, 0.0, 2.0], [0.5, 3.0, 1.0, 0.0, 0.0, 0.0, 2.0]], np.float32)
+    guarded = guard_invalid_scores(logits)
+    assert guarded[0].tolist() == [0, 0, 0, 0, 0, 5e4, 0] and INVALID_SCORE_TOKEN == 5
+    assert guarded[1].tolist() == logits[1].tolist()

@@ -136,7 +136,8 @@ class GraphCausalLM:
     overwritten by the decode steps before they are attended) and, when given, the decode
     ("inc") graph per token, which takes the KV cache in and gives the updated one back.
     Token embeddings are a numpy gather from `embedding_table`; `generation_inputs` is the
-    model's own (positions and mask)."""
+    model's own (positions and mask). The graphs' batch size is fixed: fewer rows are run with
+    the last row repeated to fill it (a copy of that row's work, dropped from the outputs)."""
 
     def __init__(self, prefill, decode, embedding_table, generation_inputs):
         self.prefill_graph, self.decode_graph = prefill, decode
@@ -152,31 +153,51 @@ class GraphCausalLM:
     def start_cache(self, batch_size, min_length):
         if self.decode_graph is None:
             raise UserInputError("no decode (incremental) graph was given: generate with use_past False")
+        self._check_rows(batch_size)
         return self.seq_length
+
+    def _check_rows(self, rows):
+        if rows > self.batch_size:
+            raise UserInputError(f"{rows} rows in one batch but the graphs were exported with batch_size "
+                                 f"{self.batch_size}: run at most {self.batch_size} at a time, or re-export "
+                                 f"with --batch_size {rows}")
+
+    def _fill_rows(self, array):
+        """`array` [rows, ...] with its last row repeated up to the graphs' batch size."""
+        rows = array.shape[0]
+        self._check_rows(rows)
+        if rows == self.batch_size:
+            return array
+        return np.concatenate([array, np.repeat(array[-1:], self.batch_size - rows, axis=0)])
 
     def _run_prefill(self, input_ids, position_ids, attention_mask, logits_index, inputs_embeds):
         start = time.perf_counter()
         embeds = self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        pad = self.seq_length - embeds.shape[1]
+        rows, pad = embeds.shape[0], self.seq_length - embeds.shape[1]
         outputs = self.prefill_graph(
-            np.pad(embeds, ((0, 0), (0, pad), (0, 0))),
-            np.pad(position_ids, [(0, 0)] * (position_ids.ndim - 1) + [(0, pad)]),
-            np.pad(attention_mask, ((0, 0), (0, 0), (0, pad), (0, 0))), logits_index)
-        logits = self.prefill_graph.numpy(outputs[0])
+            self._fill_rows(np.pad(embeds, ((0, 0), (0, pad), (0, 0)))),
+            self._fill_rows(np.pad(position_ids, [(0, 0)] * (position_ids.ndim - 1) + [(0, pad)])),
+            self._fill_rows(np.pad(attention_mask, ((0, 0), (0, 0), (0, pad), (0, 0)))),
+            self._fill_rows(np.asarray(logits_index)))
+        logits = self.prefill_graph.numpy(outputs[0])[:rows]
         if self.prefill_seconds is None:
             self.prefill_seconds = time.perf_counter() - start
         return logits, outputs[1], outputs[2]
 
     def prefill(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None,
-                argmax=None):
+                argmax=None, cache_index=0):
+        if cache_index:
+            raise UserInputError("the exported prefill graph writes the KV cache from slot 0 only: a "
+                                 "conversation cannot continue on it (re-encode the history instead)")
         logits, self.key_cache, self.value_cache = self._run_prefill(
             input_ids, position_ids, attention_mask, logits_index, inputs_embeds)
         return logits if argmax is None else argmax.of(logits)  # the graphs give logits
 
     def decode(self, *, input_ids, position_ids, attention_mask, cache_index, argmax=None):
         logits, self.key_cache, self.value_cache = self.decode_graph(
-            input_ids, position_ids, attention_mask, self.key_cache, self.value_cache, cache_index)
-        logits = self.decode_graph.numpy(logits).reshape(input_ids.shape[0], -1)
+            self._fill_rows(input_ids), self._fill_rows(position_ids), self._fill_rows(attention_mask),
+            self.key_cache, self.value_cache, cache_index)
+        logits = self.decode_graph.numpy(logits).reshape(self.batch_size, -1)[:input_ids.shape[0]]
         return logits if argmax is None else argmax.of(logits)
 
     def forward(self, *, input_ids, position_ids, attention_mask, logits_index, inputs_embeds=None):
