@@ -152,7 +152,6 @@ class ChatGLM2Chat:
                 self.tokenizer.prompt_style.next_round(query, len(history) + 1))
             if past.end + len(new_ids) + room > limit:
                 new_ids = None
-        dropped = 0
         if new_ids is None:
             new_ids, history, dropped = self.fit_prompt(query, history, settings)
             past = Conversation(self.model, self.tokenizer.pad_token_id)
