@@ -4,8 +4,8 @@ Field names are MindFormers r1.0's `configs/glm2/run_glm2_6b.yaml` `model_config
 notes/chatglm2.md §2.7), so a MindFormers glm2 YAML reads here. Every field is either used by
 the code or accepts only the values the code implements: HF chatglm2-6b's architecture switches
 (`rmsnorm`, `post_layer_norm`, `add_bias_linear`, ...) are Literal types pinned to the one
-architecture there is, and what this port does not implement (quantization, P-Tuning v2,
-flash attention) is refused with the reason. Defaults are the 6B model; `PRESETS` /
+architecture there is, and what this port does not implement (quantization, flash attention) is refused with the
+reason. Defaults are the 6B model; `PRESETS` /
 `ChatGLM2Config.from_name` name "6b" and "tiny".
 
 Registered in MindFormers' registry as `ResearchChatGLM2Config` (not `ChatGLM2Config`, which
@@ -60,8 +60,11 @@ class ChatGLM2Config(ModelConfig):
     attention_softmax_in_fp32: Literal[True] = True
     fp32_residual_connection: Literal[False] = False
     quantization_bit: int = 0
+    # P-Tuning v2 (upstream ptuning/): this many trainable prefix keys/values per layer (None or 0: off),
+    # optionally through upstream's Linear-Tanh-Linear projection, with dropout on the prefix.
     pre_seq_len: Optional[int] = None
-    prefix_projection: Literal[False] = False
+    prefix_projection: bool = False
+    prefix_dropout: float = 0.1
     param_init_type: DTYPES = "float16"
     compute_dtype: DTYPES = "float16"
     layernorm_compute_type: Literal["float32"] = "float32"
@@ -151,10 +154,9 @@ class ChatGLM2Config(ModelConfig):
             raise FieldError("quantization_bit",
                              f"{self.quantization_bit}: int4/int8 ChatGLM2 (HF model.quantize) is "
                              f"not supported; use the float16 weights and quantization_bit: 0")
-        if self.pre_seq_len:
-            raise FieldError("pre_seq_len", f"{self.pre_seq_len}: P-Tuning v2 prefixes are not "
-                                            f"implemented yet; use pre_seq_len: 0")
-        for name in ("hidden_dropout", "attention_dropout"):
+        if self.pre_seq_len is not None and self.pre_seq_len < 0:
+            raise FieldError("pre_seq_len", f"must be >= 0 (0 or null: no P-Tuning prefix), got {self.pre_seq_len}")
+        for name in ("hidden_dropout", "attention_dropout", "prefix_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
         for name in ("eos_token_id", "pad_token_id"):

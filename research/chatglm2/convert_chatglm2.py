@@ -10,6 +10,10 @@ The output is one MindSpore checkpoint with MindFormers 1.9's names: the HF name
 [out, in] layout (the fused qkv rows stay [Q | K | V], dense_h_to_4h stays [gate | up]).
 `transformer.rotary_pos_emb.inv_freq` (a buffer) is dropped: the model recomputes it.
 
+P-Tuning v2 prefixes travel in upstream ptuning/'s format both ways (`read_upstream_prefix`,
+`write_upstream_prefix`): a `pytorch_model.bin` holding only `transformer.prefix_encoder.*`, the
+names the model here uses too.
+
 Refused with a message before anything is written: int4/int8 HF checkpoints (`weight_scale`
 keys, or `quantization_bit` in the directory's config.json), checkpoints of other models
 (ChatGLM-6B / VisualGLM's GLM), and any unknown, missing or mis-shaped key.
@@ -21,8 +25,10 @@ import time
 import numpy as np
 
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
+from research.chatglm2.modeling_chatglm2 import prefix_parameter_shapes
+from research.common.atomic import atomic_write
 from research.common.checkpoint import read_checkpoint
-from research.common.convert import CheckpointWriter, Row, check_table
+from research.common.convert import MODEL_PARAMETERS, CheckpointWriter, Row, check_names_and_shapes, check_table
 from research.common.errors import UserInputError
 from research.common.torch_checkpoint import (ConversionReport, Output, SourceFormat, WrittenCheckpoint,
                                               check_outputs, find_shards, read_shapes, stream_convert)
@@ -39,6 +45,11 @@ SOURCE_FORMAT = SourceFormat(
     file_names=("model.safetensors.index.json", "pytorch_model.bin.index.json",
                 "model.safetensors", "pytorch_model.bin"),
     expected="a Hugging Face chatglm2-6b {name: tensor} state dict")
+
+
+PREFIX_NAMES = "transformer.prefix_encoder."
+PREFIX_FORMAT = SourceFormat(file_names=("pytorch_model.bin",),
+                             expected="upstream P-Tuning v2's pytorch_model.bin with transformer.prefix_encoder.* tensors")
 
 
 def chatglm2_rows(config: ChatGLM2Config, embedding_source="transformer.embedding.word_embeddings.weight"):
@@ -137,3 +148,44 @@ def _convert_mindspore(source_path, mindspore_path, config, dtype, start):
     written = (WrittenCheckpoint("ChatGLM2", mindspore_path, writer.num_tensors, writer.num_elements,
                                  tuple(sorted(writer.dtypes))),)
     return ConversionReport(EMBEDDING_SOURCES[embedding], 1, written, time.monotonic() - start)
+
+
+def check_prefix(shapes, config: ChatGLM2Config, path):
+    """A prefix checkpoint's {name: shape} must be the prefix of `config`: a clear error for
+    another pre_seq_len or projection, the names and shapes otherwise."""
+    table = shapes.get(PREFIX_NAMES + "embedding.weight")
+    if table is None:
+        raise UserInputError(f"{path} holds no {PREFIX_NAMES}embedding.weight: not a P-Tuning v2 checkpoint")
+    if table[0] != config.pre_seq_len:
+        raise UserInputError(f"{path} is a prefix of pre_seq_len {table[0]} but the config says "
+                             f"pre_seq_len {config.pre_seq_len}: set model_config.pre_seq_len: {table[0]}")
+    projection = any(name.startswith(PREFIX_NAMES + "trans.") for name in shapes)
+    if projection != config.prefix_projection:
+        raise UserInputError(f"{path} was trained with prefix_projection {projection} but the config says "
+                             f"{config.prefix_projection}: set model_config.prefix_projection: {projection}")
+    check_names_and_shapes(prefix_parameter_shapes(config), shapes, f"{path} does not fit this model's prefix "
+                           f"(another model size?)", MODEL_PARAMETERS)
+
+
+def read_upstream_prefix(path, config: ChatGLM2Config):
+    """{name: float32 array} of the prefix in upstream ptuning/'s checkpoint (a checkpoint-N
+    folder or its pytorch_model.bin), checked against `config`."""
+    (shard,) = find_shards(path, PREFIX_FORMAT, what="P-Tuning checkpoint")
+    with shard.tensors() as tensors:
+        prefix = {name: value.float().numpy() for name, value in tensors.items() if name.startswith(PREFIX_NAMES)}
+    check_prefix({name: value.shape for name, value in prefix.items()}, config, path)
+    return prefix
+
+
+def write_upstream_prefix(params, path):
+    """Write the prefix entries of {name: array} as upstream ptuning/ saves them (pytorch_model.bin,
+    float32 tensors), atomically."""
+    import torch  # conversion only
+
+    prefix = {name: torch.from_numpy(np.array(value, np.float32)) for name, value in sorted(params.items())
+              if name.startswith(PREFIX_NAMES)}
+    if not prefix:
+        raise UserInputError(f"no {PREFIX_NAMES}* parameters to write to {path}")
+    with atomic_write(path) as stream:
+        torch.save(prefix, stream)
+    return path

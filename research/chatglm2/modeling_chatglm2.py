@@ -11,7 +11,10 @@ What makes ChatGLM2 different from a GPT (DESIGN.md §5, HF THUDM/chatglm2-6b mo
   theta_i = base^(-2i/(d/2)); the second half passes through. Tables in float32 (HF builds them
   in the model dtype, inexact in float16 beyond 2048 positions);
 - SwiGLU: `dense_h_to_4h` -> silu(first half) * second half -> `dense_4h_to_h`, no biases;
-- an untied `output_layer`; when generating, only the last position's logits are computed.
+- an untied `output_layer`; when generating, only the last position's logits are computed;
+- with `pre_seq_len` (P-Tuning v2), a trainable prefix: per layer pre_seq_len keys and values of
+  each KV group, without RoPE, that every query attends to before the tokens (upstream's
+  `past_key_values` start); the tokens keep positions 0, 1, ...
 Positions are [B,S] (0 over left padding, so a prompt starts at 0 whatever its padding); the
 mask is causal and never attends to padding.
 
@@ -22,6 +25,7 @@ prompt bucket and the decode step once. Registered as `ResearchChatGLM2ForCondit
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.chatglm2.configuration_chatglm2 import REGISTRY_PREFIX, ChatGLM2Config
@@ -86,12 +90,14 @@ class SelfAttention(nn.Cell):
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
         self.attention_dropout = nn.Dropout(p=config.attention_dropout)
 
-    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None):
-        """hidden [B,S,H]; cos/sin [B,S,1,rotary/2]; attend [B,1,S,T] bool.
+    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None,
+                  prefix_key=None, prefix_value=None):
+        """hidden [B,S,H]; cos/sin [B,S,1,rotary/2]; attend [B,1,S,P+T] bool.
 
         Without a cache T == S and the new keys/values [B,groups,S,d] are returned. With a cache
         of T slots the S new keys/values are first written at `cache_slots` (in place when the
-        cache is a Parameter) and the queries attend over all T slots.
+        cache is a Parameter) and the queries attend over all T slots. A P-Tuning prefix
+        (prefix_key/value [B,groups,P,d]) comes before them; the cache holds the tokens only.
         """
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden)
@@ -108,9 +114,18 @@ class SelfAttention(nn.Cell):
 
         repeats = self.num_heads // self.kv_heads
         scores = self.scores_matmul(query, expand_kv_groups(key, repeats)).astype(ms.float32) * self.scale
+        if prefix_key is not None:
+            prefix_scores = self.scores_matmul(query, expand_kv_groups(prefix_key, repeats)).astype(ms.float32)
+            scores = ops.cat((prefix_scores * self.scale, scores), axis=-1)
         scores = ops.select(attend, scores, ops.full_like(scores, MASKED_SCORE))
         probs = self.attention_dropout(ops.softmax(scores, axis=-1)).astype(value.dtype)
-        context = ops.matmul(probs, expand_kv_groups(value, repeats)).transpose(0, 2, 1, 3)
+        if prefix_key is None:
+            context = ops.matmul(probs, expand_kv_groups(value, repeats))
+        else:
+            prefix_length = prefix_key.shape[2]
+            context = (ops.matmul(probs[..., :prefix_length], expand_kv_groups(prefix_value, repeats))
+                       + ops.matmul(probs[..., prefix_length:], expand_kv_groups(value, repeats)))
+        context = context.transpose(0, 2, 1, 3)
         output = self.dense(context.reshape(batch, length, self.num_heads * self.head_dim))
         return output, key, value
 
@@ -142,9 +157,11 @@ class GLMBlock(nn.Cell):
         self.mlp = MLP(config)
         self.hidden_dropout = nn.Dropout(p=config.hidden_dropout)
 
-    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None):
+    def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None,
+                  prefix_key=None, prefix_value=None):
         attention_output, key, value = self.self_attention(
-            self.input_layernorm(hidden), cos, sin, attend, key_cache, value_cache, cache_slots)
+            self.input_layernorm(hidden), cos, sin, attend, key_cache, value_cache, cache_slots,
+            prefix_key, prefix_value)
         hidden = hidden + self.hidden_dropout(attention_output)
         hidden = hidden + self.hidden_dropout(self.mlp(self.post_attention_layernorm(hidden)))
         return hidden, key, value
@@ -161,6 +178,41 @@ class Embedding(nn.Cell):
 
     def construct(self, input_ids):
         return ops.gather(self.embedding_weight, input_ids, 0)
+
+
+class PrefixEmbedding(nn.Cell):
+    """The prefix table [pre_seq_len, layers*2*groups*d] (HF `prefix_encoder.embedding.weight`)."""
+
+    def __init__(self, pre_seq_len, width):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(1.0), (pre_seq_len, width), ms.float32), name="weight")
+
+
+class PrefixEncoder(nn.Cell):
+    """P-Tuning v2's prefix (HF PrefixEncoder, upstream ptuning/): the table, optionally through
+    Linear(width, hidden) -> Tanh -> Linear(hidden, width) (`prefix_projection`), in float32.
+    Entry ((layer*2 + {0 key, 1 value})*groups + g)*d + i of a row is dim i of group g's key or
+    value at that prefix position in that layer."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.shape = (config.pre_seq_len, 2 * config.num_layers, config.kv_heads, config.kv_channels)
+        width = 2 * config.num_layers * config.kv_heads * config.kv_channels
+        self.embedding = PrefixEmbedding(config.pre_seq_len, width)
+        self.trans = None
+        if config.prefix_projection:
+            self.trans = nn.SequentialCell(nn.Dense(width, config.hidden_size), nn.Tanh(),
+                                           nn.Dense(config.hidden_size, width))
+        self.dropout = nn.Dropout(p=config.prefix_dropout)
+
+    def construct(self, batch, dtype):
+        """(keys, values), each [layers, B, groups, pre_seq_len, d] in `dtype`."""
+        prefix = self.embedding.weight
+        if self.trans is not None:
+            prefix = self.trans(prefix)
+        prefix = ops.broadcast_to(prefix.astype(dtype).reshape((1,) + self.shape), (batch,) + self.shape)
+        prefix = self.dropout(prefix).transpose(2, 0, 3, 1, 4)  # [2*layers, B, groups, pre, d]
+        return prefix[0::2], prefix[1::2]
 
 
 class Encoder(nn.Cell):
@@ -184,6 +236,7 @@ class ChatGLM2Model(nn.Cell):
         self.output_layer = SkinnyDense(config.hidden_size, config.padded_vocab_size, has_bias=False,
                                         dtype=ms_dtype(config.param_init_type))
         self.embedding_dropout = nn.Dropout(p=config.hidden_dropout)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
         cos, sin = rotary_tables(config.seq_length, config.rotary_dim, 10000.0 * config.rope_ratio)
         self.rotary_cos = Tensor(cos)
         self.rotary_sin = Tensor(sin)
@@ -202,15 +255,22 @@ class ChatGLM2Model(nn.Cell):
         cos = ops.gather(self.rotary_cos, position_ids, 0).reshape(batch, length, 1, -1)
         sin = ops.gather(self.rotary_sin, position_ids, 0).reshape(batch, length, 1, -1)
         attend = attention_mask > 0
+        prefix_keys = prefix_values = None
+        if self.prefix_encoder is not None:  # every query sees the whole prefix
+            prefix_keys, prefix_values = self.prefix_encoder(batch, self.compute_dtype)
+            attend = ops.cat((ops.ones((batch, 1, length, prefix_keys.shape[3]), ms.bool_), attend), axis=-1)
         cache_slots = None
         if key_cache is not None:
             cache_slots = cache_slot_indices(batch, self.config.kv_heads, length, cache_index)
         keys, values = (), ()
         for i, layer in enumerate(self.encoder.layers):
+            prefix_key = None if prefix_keys is None else prefix_keys[i]
+            prefix_value = None if prefix_values is None else prefix_values[i]
             if key_cache is None:
-                hidden, key, value = layer(hidden, cos, sin, attend)
+                hidden, key, value = layer(hidden, cos, sin, attend, None, None, None, prefix_key, prefix_value)
             else:
-                hidden, key, value = layer(hidden, cos, sin, attend, key_cache[i], value_cache[i], cache_slots)
+                hidden, key, value = layer(hidden, cos, sin, attend, key_cache[i], value_cache[i], cache_slots,
+                                           prefix_key, prefix_value)
             keys += (key,)
             values += (value,)
         hidden = self.encoder.final_layernorm(hidden)
@@ -288,4 +348,19 @@ def parameter_shapes(config: ChatGLM2Config):
         })
     shapes["transformer.encoder.final_layernorm.weight"] = (hidden,)
     shapes["transformer.output_layer.weight"] = (config.padded_vocab_size, hidden)
+    return {**shapes, **prefix_parameter_shapes(config)}
+
+
+def prefix_parameter_shapes(config: ChatGLM2Config):
+    """{parameter name: shape} of the P-Tuning v2 prefix encoder (empty without pre_seq_len):
+    HF's `transformer.prefix_encoder.*` names."""
+    if not config.pre_seq_len:
+        return {}
+    width = 2 * config.num_layers * config.kv_heads * config.kv_channels
+    shapes = {"transformer.prefix_encoder.embedding.weight": (config.pre_seq_len, width)}
+    if config.prefix_projection:
+        shapes.update({"transformer.prefix_encoder.trans.0.weight": (config.hidden_size, width),
+                       "transformer.prefix_encoder.trans.0.bias": (config.hidden_size,),
+                       "transformer.prefix_encoder.trans.2.weight": (width, config.hidden_size),
+                       "transformer.prefix_encoder.trans.2.bias": (width,)})
     return shapes

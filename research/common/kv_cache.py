@@ -78,7 +78,7 @@ class CachedDecoder(nn.Cell):
     cache_index.. (the prompt at 0, then one token per step)."""
 
     def __init__(self, model, batch_size, length):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the model's parameters keep their names
         self.model = model
         self.length = length
         num_layers, kv_heads, head_dim, dtype = model.kv_cache_layout()

@@ -135,3 +135,9 @@ def test_nan_logits_give_upstreams_token_5(glm):
     settings = glm.chat_config(do_sample=False, max_new_tokens=1)
     guarded = generate(NaNModel(), ids, settings)
     assert guarded[0] == [5] and guarded[1] == generate(glm.model, ids[1:], settings)[0] != [5]
+
+
+def test_generating_keeps_the_parameter_names(glm):
+    """The KV cache wraps the model without renaming its parameters, so it saves and loads by name."""
+    glm.chat("你好", **GREEDY)
+    assert all(p.name.startswith("transformer.") for p in glm.model.get_parameters())
