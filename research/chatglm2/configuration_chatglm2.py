@@ -20,6 +20,9 @@ from research.common.config import DTYPES, FieldError, ModelConfig, load_config,
 from research.common.memory import DTYPE_BYTES, DecoderShape, estimate_memory, parameter_count
 
 REGISTRY_PREFIX = "Research"
+# MindFormers' run_glm2_6b_lora.yaml pet_config, what a ChatGLM2 pet_config leaves out.
+LORA_DEFAULTS = dict(pet_type="lora", lora_rank=8, lora_alpha=32.0, lora_dropout=0.1,
+                     target_modules=r"query_key_value")
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG, alias=REGISTRY_PREFIX + "ChatGLM2Config")
@@ -81,6 +84,9 @@ class ChatGLM2Config(ModelConfig):
     top_p: float = 1.0
     temperature: float = 1.0
     checkpoint_name_or_path: str = ""
+    # LoRA (MindFormers' glm2 LoRA YAMLs): research.common.lora.LoRAConfig's fields; the defaults
+    # for ChatGLM2 are LORA_DEFAULTS.
+    pet_config: Optional[dict] = None
     # MindFormers' rows per forward pass: here the run scripts' default --batch_size (the graphs
     # take any batch).
     batch_size: int = 1
@@ -156,6 +162,12 @@ class ChatGLM2Config(ModelConfig):
                              f"not supported; use the float16 weights and quantization_bit: 0")
         if self.pre_seq_len is not None and self.pre_seq_len < 0:
             raise FieldError("pre_seq_len", f"must be >= 0 (0 or null: no P-Tuning prefix), got {self.pre_seq_len}")
+        if self.pet_config and self.pet_config.get("pet_type") == "ptuning2":
+            raise FieldError("pet_config", "pet_type ptuning2: P-Tuning v2 is set by model_config.pre_seq_len, "
+                                           "prefix_projection and prefix_dropout here (upstream's names); "
+                                           "remove pet_config")
+        if self.pet_config and self.pre_seq_len:
+            raise FieldError("pet_config", "LoRA and a P-Tuning prefix (pre_seq_len) together: choose one")
         for name in ("hidden_dropout", "attention_dropout", "prefix_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")

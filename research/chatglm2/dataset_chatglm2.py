@@ -71,7 +71,7 @@ IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 LOADER_TYPE = "ADGenDataLoader"
 # Rows tokenized before a progress line is worth printing.
-_PROGRESS_ROWS = 1000
+_PROGRESS_ROWS = 20000
 _SHOWN_LINES = 10
 
 
@@ -164,7 +164,10 @@ class ADGenDataConfig(ModelConfig):
             raise UserInputError(f"{where(section)}: missing (data_loader, max_source_length, "
                                  f"max_target_length, ...)")
         loader = node.get("data_loader")
-        kind = loader.get("type", LOADER_TYPE) if hasattr(loader, "get") else LOADER_TYPE
+        if loader is not None and not hasattr(loader, "get"):
+            raise UserInputError(f"{where(section + '.data_loader')}: expected a mapping (type "
+                                 f"ADGenDataLoader, dataset_dir, phase, ...), got {loader!r}")
+        kind = (loader or {}).get("type", LOADER_TYPE)
         if kind != LOADER_TYPE:
             raise UserInputError(f"{where(section + '.data_loader.type')}: {kind!r} is not an ADGEN "
                                  f"loader; ChatGLM2 fine-tuning reads {LOADER_TYPE}'s fields")
@@ -200,9 +203,11 @@ class ADGenFile:
         """One line: the row count and the skipped rows' line numbers (the first few)."""
         if not self.skipped:
             return f"{self.path}: {len(self.rows)} rows"
-        shown = ", ".join(map(str, self.skipped[:_SHOWN_LINES])) + (", ..." if len(self.skipped) > _SHOWN_LINES else "")
+        shown = ", ".join(map(str, self.skipped[:_SHOWN_LINES]))
+        if len(self.skipped) > _SHOWN_LINES:
+            shown += ", ..."
         return (f"{self.path}: {len(self.rows)} rows; skipped {len(self.skipped)} with an empty prompt or "
-                f"answer (line {shown})")
+                f"answer ({'lines' if len(self.skipped) > 1 else 'line'} {shown})")
 
 
 def _string_field(path, number, row, column):

@@ -28,9 +28,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.chatglm2.configuration_chatglm2 import REGISTRY_PREFIX, ChatGLM2Config
+from research.chatglm2.configuration_chatglm2 import LORA_DEFAULTS, REGISTRY_PREFIX, ChatGLM2Config
 from research.common.kv_cache import InGraphCausalLM, cache_slot_indices, expand_kv_groups, write_cache
-from research.common.layers import SkinnyDense, ms_dtype
+from research.common.layers import SkinnyDense, ms_dtype, next_token_loss
 
 # Added to masked scores (float32): exp underflows to exactly 0, and a row with nothing to
 # attend (a padding query, never read) stays finite.
@@ -317,6 +317,57 @@ class ChatGLM2ForConditionalGeneration(InGraphCausalLM, nn.Cell):
     def generation_inputs(self, input_ids, pad_lengths):
         """Positions [B,L] and mask [B,1,L,L] of left-padded rows (see chatglm2_positions_and_mask)."""
         return chatglm2_positions_and_mask(input_ids, pad_lengths)
+
+
+class ChatGLM2ForTraining(nn.Cell):
+    """The fine-tuning loss of right-padded rows (upstream ptuning/): positions 0..L-1, a causal
+    mask (padding comes after the answer, so no real token sees it), next-token cross entropy
+    over the answer (labels -100 elsewhere). auto_prefix=False keeps the model's parameter names."""
+
+    def __init__(self, model: ChatGLM2ForConditionalGeneration):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, labels):
+        batch, length = input_ids.shape
+        position_ids = ops.broadcast_to(ops.arange(length, dtype=ms.int32).reshape(1, length), (batch, length))
+        causal = ops.tril(ops.ones((length, length), ms.float32))
+        attention_mask = ops.broadcast_to(causal.reshape(1, 1, length, length), (batch, 1, length, length))
+        logits, _, _ = self.model(input_ids, position_ids, attention_mask)
+        return next_token_loss(logits, labels)
+
+
+def fine_tuning_method(config: ChatGLM2Config):
+    """"ptuning2", "lora" or "full", from the config (pre_seq_len, pet_config)."""
+    if config.pre_seq_len:
+        return "ptuning2"
+    return "lora" if config.pet_config else "full"
+
+
+def add_lora(model: ChatGLM2ForConditionalGeneration, source=None):
+    """Apply `pet_config` LoRA (LORA_DEFAULTS for the fields it leaves out) before the first
+    forward pass; returns the adapted cell names."""
+    from research.common.lora import LoRAConfig, apply_lora
+
+    config = model.config
+    lora = LoRAConfig.from_dict({**LORA_DEFAULTS, **config.pet_config}, "model.model_config.pet_config", source)
+    return apply_lora(model, lora, LORA_DEFAULTS["target_modules"], ms_dtype(config.compute_dtype))
+
+
+def select_trainable(model: ChatGLM2ForConditionalGeneration):
+    """Mark what fine-tuning updates and return it: the prefix encoder (P-Tuning v2, as upstream
+    freezes everything else), the LoRA matrices (LoRA), or every parameter (full fine-tuning)."""
+    from research.common.lora import freeze_all_but_lora
+
+    method = fine_tuning_method(model.config)
+    if method == "lora":
+        return freeze_all_but_lora(model)
+    trainable = []
+    for param in model.get_parameters():
+        param.requires_grad = method == "full" or param.name.startswith("transformer.prefix_encoder.")
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
 
 
 def chatglm2_positions_and_mask(input_ids, pad_lengths):

@@ -3,6 +3,15 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+def next_token_loss(logits, labels):
+    """The causal LM loss: logits [B,S,V] at t predict labels [B,S] at t+1; -100 is ignored;
+    the mean over the counted tokens, in float32 (upstream's CrossEntropyLoss on shifted logits)."""
+    vocab = logits.shape[-1]
+    logits = logits[:, :-1].reshape(-1, vocab).astype(ms.float32)
+    targets = labels[:, 1:].reshape(-1).astype(ms.int32)
+    return ops.cross_entropy(logits, targets, ignore_index=-100, reduction="mean")
+
+
 def ms_dtype(name):
     """MindSpore dtype from a config string such as 'float16'."""
     return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]

@@ -35,6 +35,7 @@ of a save a kill interrupted. A write that fails (disk full, file size limit) st
 line naming the file and leaves nothing half written. `resume=True` with nothing saved starts
 at step 0 with a note; a resume names the file and step it continues from.
 """
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -667,3 +668,29 @@ class Trainer:
                 f"on {state['bad_steps']} consecutive steps, which loss scaling cannot fix. "
                 f"The losses so far are in {os.path.join(self.output_dir, 'loss.csv')}{hint}. "
                 f"Lower the learning rate or check the data.")
+
+
+def finetune_parser(description, default_config, config_dir):
+    """The flags of every run_*_finetune.py (MindFormers' names, plus --resume); the caller
+    passes `resume_value(args.resume)` on."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "--config_path", dest="config", default=default_config,
+                        help=f"YAML path or a name in {config_dir}")
+    parser.add_argument("--graph_mode", type=int, choices=(0, 1), default=None,
+                        help="0 GRAPH, 1 PYNATIVE (default: the YAML's context.mode)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="per-process batch size (default: runner_config.batch_size)")
+    parser.add_argument("--device_id", type=int, default=None,
+                        help="NPU id (default: context.device_id, else DEVICE_ID, which "
+                             "run_singlenode.sh sets per rank, else 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: runner_config.epochs")
+    parser.add_argument("--output_dir", default=None, help="default: the YAML's output_dir")
+    parser.add_argument("--resume", default=None,
+                        help="'True' for the latest checkpoint in output_dir (nothing saved yet: "
+                             "start at step 0), or a checkpoint path")
+    return parser
+
+
+def resume_value(flag):
+    """--resume as Trainer.train takes it: True, None, or a path."""
+    return {"true": True, "false": None}.get(str(flag).lower(), flag)

@@ -17,7 +17,7 @@ from research.common import qformer as qformer_module
 from research.common import vision as vision_module
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
-from research.common.layers import ms_dtype
+from research.common.layers import ms_dtype, next_token_loss
 from research.common.runtime import load_weights
 from research.visualglm.configuration_visualglm import VisualGLMConfig
 from research.visualglm.convert_visualglm import glm_rows
@@ -175,11 +175,7 @@ class VisualGLMForTraining(nn.Cell):
         self.model = model
 
     def construct(self, image, input_ids, labels, position_ids, attention_mask, image_mask):
-        logits = self.model(input_ids, position_ids, attention_mask, image, image_mask)
-        vocab = logits.shape[-1]
-        logits = logits[:, :-1].reshape(-1, vocab).astype(ms.float32)
-        targets = labels[:, 1:].reshape(-1).astype(ms.int32)
-        return ops.cross_entropy(logits, targets, ignore_index=-100, reduction="mean")
+        return next_token_loss(self.model(input_ids, position_ids, attention_mask, image, image_mask), labels)
 
 
 def select_trainable(model: VisualGLMImageToTextGeneration):

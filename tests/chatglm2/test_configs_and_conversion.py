@@ -20,11 +20,14 @@ from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from tests.config_files import write_yaml
 
-YAML_PRESETS = {"run_glm2_6b.yaml": "6b", "run_glm2_tiny.yaml": "tiny"}
+YAML_PRESETS = {"run_glm2_6b.yaml": "6b", "run_glm2_tiny.yaml": "tiny",
+                **{f"run_glm2_{size}_{method}.yaml": size for size in ("6b", "tiny")
+                   for method in ("ptuning2", "lora", "finetune")}}
 # What a YAML may choose per run; every other field must equal its preset.
 RUN_FIELDS = {"seq_length", "max_decode_length", "use_past", "do_sample", "top_k", "top_p", "temperature",
               "repetition_penalty", "checkpoint_name_or_path", "pre_seq_len", "hidden_dropout",
-              "attention_dropout", "param_init_type", "compute_dtype"}
+              "attention_dropout", "param_init_type", "compute_dtype", "prefix_projection", "prefix_dropout",
+              "pet_config"}
 TINY = os.path.join(CONFIG_ROOT, "chatglm2", "run_glm2_tiny.yaml")
 
 
@@ -66,7 +69,8 @@ def test_classes_are_registered_without_replacing_mindformers_own():
 
 @pytest.mark.parametrize("field, value, message", [
     ("quantization_bit", 4, "int4/int8"),
-    ("pre_seq_len", 128, "P-Tuning"),
+    ("pre_seq_len", -1, "must be >= 0"),
+    ("pet_config", {"pet_type": "ptuning2", "pre_seq_len": 128}, "P-Tuning v2 is set by model_config.pre_seq_len"),
     ("rmsnorm", False, "expected Literal"),
     ("num_layers", "28", "expected int"),
     ("batch_size", 0, "must be positive"),
