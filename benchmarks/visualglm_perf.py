@@ -26,7 +26,6 @@ The "medium" preset keeps the YAML's vision tower and Q-Former and swaps in that
 Random weights unless the YAML names checkpoints; numbers are about the runtime.
 """
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -39,6 +38,7 @@ import numpy as np
 # This checkout's packages (research, tests), whatever the environment has installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
+from benchmarks.measure import copy_bandwidth, seconds, write_csv
 import mindspore as ms
 
 from research.common.checkpoint import load_params_into_net
@@ -174,15 +174,6 @@ def performance(args):
         print(f"wrote {path}")
 
 
-def write_csv(path, rows):
-    if not rows:
-        return
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 # ---- precision and the SAT reference -----------------------------------------------------------
@@ -283,18 +274,8 @@ def predict(args):
 
 # ---- compare -----------------------------------------------------------------------------------
 
-def copy_bandwidth(gib=1, repeat=5):
-    """GB/s of a large float32 copy, counting the bytes read and the bytes written."""
-    source = np.ones(gib * 2 ** 28, np.float32)
-    target = np.empty_like(source)
-    best = min(_seconds(lambda: np.copyto(target, source)) for _ in range(repeat))
-    return 2 * source.nbytes / best / 1e9
 
 
-def _seconds(work):
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 def weight_bytes_per_token(model):
@@ -341,14 +322,14 @@ def our_decode(model, config, prompts, new_tokens):
     return first, later, outputs
 
 
-def one_forward_seconds(model, config, prompt, repeat=3):
+def one_forwardseconds(model, config, prompt, repeat=3):
     """Our plain forward (no cache, logits at the last position) over one prompt."""
     ids = np.asarray([prompt], np.int32)
     positions, mask = glm_positions_and_mask(ids, [0], config)
     inputs = dict(input_ids=ids, position_ids=positions, attention_mask=mask,
                   logits_index=np.array([len(prompt) - 1], np.int32))
     model.forward(**inputs)
-    return min(_seconds(lambda: model.forward(**inputs)) for _ in range(repeat))
+    return min(seconds(lambda: model.forward(**inputs)) for _ in range(repeat))
 
 
 def compare(args):
@@ -373,7 +354,7 @@ def compare(args):
     prompt = random_prompts(config, 1, 512, seed=5)
     our_first, _, _ = our_decode(ours, config, prompt, 2)
     sat_first, _, _ = sat_decode(sat, config, prompt, 2)
-    forward = one_forward_seconds(ours, config, prompt[0])
+    forward = one_forwardseconds(ours, config, prompt[0])
     rows.append({"case": "first token batch 1 (prompt 512)", "ours_ms": our_first * 1000,
                  "sat_ms": sat_first * 1000})
     rows.append({"case": "one forward, no cache (prompt 512)", "ours_ms": forward * 1000})
