@@ -18,6 +18,7 @@ import os
 import random
 import sys
 
+from research.common.atomic import atomic_write
 from research.common.errors import UserInputError
 
 GARMENTS = {"上衣": "日常穿着很舒适", "裙": "走路时很有灵动感", "裤": "修饰腿型很显高", "外套": "秋冬保暖又有型"}
@@ -61,7 +62,7 @@ def write_adgen(directory, train=1000, dev=100, seed=0):
     paths = []
     for name, count, split_seed in (("train", train, seed), ("dev", dev, seed + 1)):
         path = os.path.join(directory, f"{name}.json")
-        with open(path, "w", encoding="utf-8") as stream:
+        with atomic_write(path, "w", encoding="utf-8") as stream:
             for row in generate_adgen(count, split_seed):
                 stream.write(json.dumps(row, ensure_ascii=False) + "\n")
         paths.append(path)
