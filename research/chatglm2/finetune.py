@@ -19,9 +19,10 @@ from research.common.parallel import init_data_parallel
 from research.common.runtime import init_context, load_weights, resolve_path
 from research.common.trainer import Trainer, TrainingArguments, output_dir_lock
 
-# Top-level YAML fields that fine-tuning reads; each reader checks the fields of its section.
+# Top-level YAML fields that fine-tuning reads (eval_dataset: run_chatglm2_eval.py's, in the same
+# YAML as MindFormers keeps it); each reader checks the fields of its section.
 FINETUNE_FIELDS = ("seed", "context", "model", "processor", "use_parallel", "parallel", "parallel_config",
-                   "train_dataset", "output_dir", "runner_config", "runner_wrapper", "optimizer",
+                   "train_dataset", "eval_dataset", "output_dir", "runner_config", "runner_wrapper", "optimizer",
                    "lr_schedule", "layer_scale", "layer_decay", "callbacks", "load_checkpoint",
                    "resume_training", "lr_scale")
 METHOD_NAMES = {"ptuning2": "P-Tuning v2", "lora": "LoRA", "full": "full fine-tuning"}

@@ -24,10 +24,13 @@ import warnings
 from typing import List, Optional, Sequence
 
 from research.chatglm2.configuration_chatglm2 import REGISTRY_PREFIX, ChatGLM2Config, load_chatglm2_config
-from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
+from research.chatglm2.convert_chatglm2 import check_prefix, read_upstream_prefix
+from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration, add_lora
 from research.chatglm2.tokenization_chatglm2 import ChatGLM2Tokenizer
+from research.common.checkpoint import load_params_into_net, read_checkpoint
 from research.common.errors import UserInputError
 from research.common.generation import Conversation, GenerationConfig, generate
+from research.common.lora import load_lora_checkpoint
 from research.common.memory import check_memory
 from research.common.runtime import add_generation_arguments, init_context, load_weights, resolve_path
 
@@ -213,15 +216,19 @@ def check_tokenizer(config: ChatGLM2Config, tokenizer: ChatGLM2Tokenizer, where)
 
 
 def load_chatglm2(config=DEFAULT_CONFIG, *, device_id=None, seq_length=None, use_past=None, checkpoint=None,
-                  batch_size=1) -> ChatGLM2Chat:
+                  ptuning_checkpoint=None, lora_checkpoint=None, batch_size=1) -> ChatGLM2Chat:
     """ChatGLM2 from a YAML (path or a name in configs/chatglm2/), its checkpoint
     (`checkpoint` overrides `model_config.checkpoint_name_or_path`) and tokenizer.
 
-    The keywords override the YAML when given. Everything that can be checked without the
-    weights (the tokenizer file, the checkpoint path, whether `batch_size` rows fit in
-    memory) is checked before the model is built.
+    Fine-tuned models: a full fine-tune is its own `checkpoint`; with `model_config.pre_seq_len`
+    the prefix comes from `ptuning_checkpoint` (run_chatglm2_finetune.py's trainable .ckpt, or
+    upstream ptuning/'s checkpoint-N folder / pytorch_model.bin); with `pet_config` the LoRA
+    matrices from `lora_checkpoint`. The keywords override the YAML when given. Everything that
+    can be checked without the weights (the tokenizer file, the checkpoint paths, whether
+    `batch_size` rows fit in memory) is checked before the model is built.
     """
     yaml_config, model_config = load_chatglm2_config(config)
+    where = yaml_config.source.path
     arch = ((yaml_config.get("model") or {}).get("arch") or {}).get("type", MODEL_TYPES[0])
     if arch not in MODEL_TYPES:
         raise UserInputError(f"{yaml_config.source.where('model.arch.type')}: {arch!r} is not a ChatGLM2 "
@@ -232,15 +239,44 @@ def load_chatglm2(config=DEFAULT_CONFIG, *, device_id=None, seq_length=None, use
         if value is not None:
             setattr(model_config, field, value)
     model_config.validate()
-    check_memory(model_config.memory_estimate(batch_size), yaml_config.source.path)
+    if bool(model_config.pre_seq_len) != bool(ptuning_checkpoint):
+        raise UserInputError(f"{where}: a P-Tuning v2 model needs both model_config.pre_seq_len and its prefix "
+                             f"checkpoint (--ptuning_checkpoint); got pre_seq_len {model_config.pre_seq_len} and "
+                             f"{ptuning_checkpoint or 'no prefix checkpoint'}")
+    if bool(model_config.pet_config) != bool(lora_checkpoint):
+        raise UserInputError(f"{where}: a LoRA model needs both model_config.pet_config and its LoRA checkpoint "
+                             f"(--lora_checkpoint); got {'a' if model_config.pet_config else 'no'} pet_config "
+                             f"and {lora_checkpoint or 'no LoRA checkpoint'}")
+    check_memory(model_config.memory_estimate(batch_size), where)
     tokenizer = build_tokenizer(yaml_config, model_config.seq_length)
-    check_tokenizer(model_config, tokenizer, yaml_config.source.path)
-    if model_config.checkpoint_name_or_path:
-        resolve_path(model_config.checkpoint_name_or_path, "ChatGLM2 checkpoint")
+    check_tokenizer(model_config, tokenizer, where)
+    for what, path in (("ChatGLM2 checkpoint", model_config.checkpoint_name_or_path),
+                       ("P-Tuning checkpoint", ptuning_checkpoint), ("LoRA checkpoint", lora_checkpoint)):
+        if path:
+            resolve_path(path, what)
     model = ChatGLM2ForConditionalGeneration(model_config)
     model.set_train(False)
-    loaded = load_weights(model, model_config.checkpoint_name_or_path, "ChatGLM2 checkpoint")
+    loaded = load_weights(model, model_config.checkpoint_name_or_path, "ChatGLM2 checkpoint",
+                          allow_missing=("transformer.prefix_encoder.",))
+    if ptuning_checkpoint:
+        load_params_into_net(model, read_prefix_checkpoint(ptuning_checkpoint, model_config),
+                             what=f"P-Tuning checkpoint {ptuning_checkpoint}", allow_missing=("transformer.",))
+    if lora_checkpoint:
+        add_lora(model, yaml_config.source)
+        load_lora_checkpoint(model, read_checkpoint(lora_checkpoint, "LoRA checkpoint"),
+                             f"LoRA checkpoint {lora_checkpoint}")
     return ChatGLM2Chat(model_config, yaml_config, model, tokenizer, loaded, device)
+
+
+def read_prefix_checkpoint(path, config: ChatGLM2Config):
+    """The prefix of a P-Tuning checkpoint: ours (a .ckpt of run_chatglm2_finetune.py's
+    checkpoint_trainable) or upstream's (checkpoint-N folder or pytorch_model.bin), checked
+    against `config`."""
+    if not path.endswith(".ckpt"):
+        return read_upstream_prefix(path, config)
+    params = read_checkpoint(path, "P-Tuning checkpoint")
+    check_prefix({name: value.shape for name, value in params.items()}, config, path)
+    return params
 
 
 # ---- command-line flags (MindFormers' and upstream's names) -------------------------------------
@@ -252,7 +288,12 @@ def chatglm2_parser(description):
     add_generation_arguments(parser, DEFAULT_CONFIG, "configs/chatglm2/")
     parser.add_argument("--seq_length", type=int, default=None, help="static length (overrides YAML)")
     parser.add_argument("--checkpoint", "--load_checkpoint", dest="checkpoint", default=None,
-                        help="converted checkpoint (overrides model_config.checkpoint_name_or_path)")
+                        help="converted or fully fine-tuned checkpoint (overrides model_config.checkpoint_name_or_path)")
+    parser.add_argument("--ptuning_checkpoint", default=None,
+                        help="P-Tuning v2 prefix (with model_config.pre_seq_len): a checkpoint_trainable .ckpt, or "
+                             "upstream's checkpoint-N folder / pytorch_model.bin")
+    parser.add_argument("--lora_checkpoint", default=None,
+                        help="LoRA matrices (with model_config.pet_config): a checkpoint_trainable .ckpt")
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
@@ -266,7 +307,9 @@ def chatglm2_parser(description):
 def load_from_arguments(args, batch_size=1):
     """load_chatglm2 with the flags of chatglm2_parser."""
     return load_chatglm2(args.config, device_id=args.device_id, seq_length=args.seq_length,
-                         use_past=args.use_past, checkpoint=args.checkpoint, batch_size=batch_size)
+                         use_past=args.use_past, checkpoint=args.checkpoint,
+                         ptuning_checkpoint=args.ptuning_checkpoint, lora_checkpoint=args.lora_checkpoint,
+                         batch_size=batch_size)
 
 
 def decoding_overrides(args):

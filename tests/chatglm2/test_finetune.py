@@ -1,13 +1,17 @@
 """run_chatglm2_finetune.py on the synthetic ADGEN set from a random tiny base: each method trains
 what it should and nothing else (P-Tuning v2 the prefix, LoRA its matrices, full everything),
-the loss falls, and a run stopped and resumed gives the same loss sequence."""
+the loss falls, a run stopped and resumed gives the same loss sequence; run_chatglm2_eval.py
+evaluates each result (and the prefix exported in upstream's format gives the same answers);
+adapter checkpoints of another shape are refused."""
 import glob
+import json
 import os
 
 import numpy as np
 import pytest
 
-from research.chatglm2 import run_chatglm2_finetune
+from research.chatglm2 import run_chatglm2_eval, run_chatglm2_finetune
+from research.chatglm2.convert_chatglm2 import write_upstream_prefix
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
 from research.chatglm2.synthetic_adgen import write_adgen
 from research.common.checkpoint import read_checkpoint
@@ -41,16 +45,24 @@ def trained(output_dir):
     return read_checkpoint(path)
 
 
-@pytest.mark.parametrize("method, trains", [
-    ("ptuning2", lambda name: name.startswith("transformer.prefix_encoder.")),
-    ("lora", lambda name: "mindpet_delta_lora" in name),
-    ("finetune", lambda name: True),
-])
-def test_each_method_trains_only_its_parameters(setup, method, trains):
+TRAINS = {"ptuning2": lambda name: name.startswith("transformer.prefix_encoder."),
+          "lora": lambda name: "mindpet_delta_lora" in name,
+          "finetune": lambda name: True}
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """Each method trained once: {method: (trainer, loss history)}."""
+    return {method: run_chatglm2_finetune.main(["--config", config(setup, method, method)]) for method in TRAINS}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINS))
+def test_each_method_trains_only_its_parameters(setup, runs, method):
     root, base = setup
-    trainer, history = run_chatglm2_finetune.main(["--config", config(setup, method, method)])
+    trainer, history = runs[method]
     assert len(history) == STEPS and history[-1]["loss"] < history[0]["loss"]
     model = {p.name: p.asnumpy() for p in trainer.network.get_parameters()}
+    trains = TRAINS[method]
     saved = trained(root / method)
     assert set(saved) == {name for name in model if trains(name)} and saved
     for name, value in model.items():  # the rest is the base, bit for bit
@@ -58,6 +70,52 @@ def test_each_method_trains_only_its_parameters(setup, method, trains):
             assert np.array_equal(value, base[name]), name
         elif name in base:
             assert not np.array_equal(value, base[name]), name  # full fine-tuning moved it
+
+
+def evaluate(setup, method, *flags):
+    root, _ = setup
+    return run_chatglm2_eval.main(["--config", config(setup, method, f"eval_{method}", **{
+        "eval_dataset.data_loader.dataset_dir": str(root / "data" / "dev.json")}),
+        "--do_sample", "False", "--batch_size", "2", "--output_dir", str(root / f"eval_{method}"), *flags])
+
+
+def test_evaluation_of_each_fine_tuned_model(setup, runs, capsys):
+    root, _ = setup
+    checkpoints = {method: glob.glob(str(root / method / "checkpoint_trainable" / "rank_0" / "*.ckpt"))[0]
+                   for method in TRAINS}
+    results = {"ptuning2": evaluate(setup, "ptuning2", "--ptuning_checkpoint", checkpoints["ptuning2"]),
+               "lora": evaluate(setup, "lora", "--lora_checkpoint", checkpoints["lora"]),
+               "finetune": evaluate(setup, "finetune", "--checkpoint", checkpoints["finetune"])}
+    out = capsys.readouterr().out
+    for method, result in results.items():
+        with open(result.path, encoding="utf-8") as stream:
+            rows = [json.loads(line) for line in stream]
+        assert len(rows) == 4 and set(rows[0]) == {"labels", "predict"}
+        assert [row["predict"] for row in rows] == [p.strip() for p in result.predictions]
+        assert result.report.samples == 4
+    assert '"bleu-4"' in out and '"rouge-l"' in out
+    # the prefix exported in upstream's format gives the same greedy answers
+    folder = root / "upstream-checkpoint-6"
+    folder.mkdir()
+    write_upstream_prefix(read_checkpoint(checkpoints["ptuning2"]), str(folder / "pytorch_model.bin"))
+    again = evaluate(setup, "ptuning2", "--ptuning_checkpoint", str(folder))
+    assert again.predictions == results["ptuning2"].predictions
+
+
+def test_adapter_checkpoints_of_another_shape_are_refused(setup, runs, capsys):
+    root, _ = setup
+    prefix = glob.glob(str(root / "ptuning2" / "checkpoint_trainable" / "rank_0" / "*.ckpt"))[0]
+    lora = glob.glob(str(root / "lora" / "checkpoint_trainable" / "rank_0" / "*.ckpt"))[0]
+    cases = [(config(setup, "ptuning2", "pre4", **{"model.model_config.pre_seq_len": 4}),
+              ["--ptuning_checkpoint", prefix], "pre_seq_len 8 but the config says pre_seq_len 4"),
+             (config(setup, "lora", "rank4", **{"model.model_config.pet_config.lora_rank": 4}),
+              ["--lora_checkpoint", lora], "another lora_rank"),
+             (config(setup, "ptuning2", "noprefix"), [], "needs both model_config.pre_seq_len and its prefix")]
+    for path, flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_chatglm2_eval.main(["--config", path, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_stopped_and_resumed_run_gives_the_same_losses(setup):
