@@ -4,7 +4,7 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Optional
+from typing import Literal, Optional
 
 import mindspore as ms
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -68,6 +68,8 @@ class ContextConfig(ModelConfig):
 
     mode: int = 0  # 0 GRAPH, 1 PYNATIVE
     device_id: Optional[int] = None  # the NPU on Ascend (a CPU run has one device)
+    # MindFormers' field; by default the device is found (Ascend where an NPU is visible, else CPU).
+    device_target: Optional[Literal["Ascend", "CPU"]] = None
 
     def validate(self):
         if self.mode not in (0, 1):
@@ -99,6 +101,10 @@ def init_context(config, device_id=None):
                              f"or msrun); remove the field")
     ms.set_context(mode=ms.GRAPH_MODE if context.mode == 0 else ms.PYNATIVE_MODE)
     target = device_target()
+    if context.device_target == "Ascend" and target != "Ascend":
+        raise UserInputError(f"{where('context.device_target')}: Ascend, but no Ascend device is visible "
+                             f"(/dev/davinci0); set CPU or remove the field to use what there is")
+    target = context.device_target or target
     if target == "Ascend":
         if device_id is None:
             device_id = context.device_id

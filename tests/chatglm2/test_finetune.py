@@ -6,6 +6,8 @@ adapter checkpoints of another shape are refused."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from research.chatglm2.convert_chatglm2 import write_upstream_prefix
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
 from research.chatglm2.synthetic_adgen import write_adgen
 from research.common.checkpoint import read_checkpoint
-from research.common.config import CONFIG_ROOT
+from research.common.config import CONFIG_ROOT, REPO_ROOT
 from research.common.convert import save_checkpoint_atomic
 from tests.chatglm2.chatglm2_fixtures import random_weights
 from tests.config_files import write_yaml
@@ -132,3 +134,40 @@ def test_stopped_and_resumed_run_gives_the_same_losses(setup):
                                              "--epochs", "2", "--resume", "True"])
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     assert len(full) == 2 * STEPS
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(setup, tmp_path):
+    """run_singlenode.sh (msrun on CPU) with the same YAML and use_parallel: True. Every answer
+    has the same length, so the mean of the two ranks' losses is the combined batch's."""
+    root, _ = setup
+    with open(root / "data" / "train.json", encoding="utf-8") as stream:
+        rows = [json.loads(line) for line in stream][:8]
+    data = tmp_path / "train.json"
+    data.write_text("".join(json.dumps({**row, "summary": rows[0]["summary"]}, ensure_ascii=False) + "\n"
+                            for row in rows), encoding="utf-8")
+    common = {"train_dataset.data_loader.dataset_dir": str(data), "train_dataset.data_loader.shuffle": False,
+              "model.model_config.prefix_dropout": 0.0}
+    single = config(setup, "ptuning2", "single", **common, **{"runner_config.batch_size": 4,
+                                                               "output_dir": str(tmp_path / "single")})
+    run_chatglm2_finetune.main(["--config", single])
+    parallel = config(setup, "ptuning2", "parallel", **common, **{
+        "runner_config.batch_size": 2, "use_parallel": True, "parallel_config.data_parallel": 2,
+        "output_dir": str(tmp_path / "parallel")})
+    command = f"{sys.executable} -m research.chatglm2.run_chatglm2_finetune --config {parallel}"
+    # a clean launcher environment: other tests (torch.distributed) may have set these in-process
+    launch_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK_ID",
+                   "RANK_SIZE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_ROLE")
+    env = {key: value for key, value in os.environ.items() if key not in launch_vars}
+    env["RUN_LOG_DIR"] = str(tmp_path / "logs")
+    env["CLUSTER_TIME_OUT"] = "120"
+    result = subprocess.run(["bash", "research/run_singlenode.sh", command, str(tmp_path / "unused_rank_table.json"),
+                             "[0,2)", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = trained(tmp_path / "parallel"), read_checkpoint(glob.glob(str(
+        tmp_path / "parallel" / "checkpoint_trainable" / "rank_1" / "*.ckpt"))[0])
+    alone = trained(tmp_path / "single")
+    assert set(rank0) == set(alone) == {"transformer.prefix_encoder.embedding.weight"}
+    for name in alone:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+        np.testing.assert_allclose(rank0[name], alone[name], atol=2e-5, rtol=0, err_msg=name)
+    assert len(glob.glob(str(tmp_path / "parallel" / "checkpoint_trainable" / "rank_*"))) == 2

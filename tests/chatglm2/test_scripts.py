@@ -108,7 +108,7 @@ def test_a_mindformers_glm2_yaml_runs_as_it_is(yaml_path, tmp_path):
     model_config = {**ours["model"]["model_config"], "type": "ChatGLM2Config", "batch_size": 2}
     mindformers = {
         "seed": 0, "output_dir": "./output", "load_checkpoint": "", "auto_trans_ckpt": False,
-        "context": {"mode": 0, "device_id": 0},
+        "context": {"mode": 0, "device_target": "CPU", "device_id": 0},
         "model": {"model_config": model_config, "arch": {"type": "ChatGLM2ForConditionalGeneration"}},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "glm2_6b"},
         "processor": {"return_tensors": "ms", "type": "GLMProcessor", "tokenizer": {
