@@ -15,9 +15,8 @@ from research.chatglm2.modeling_chatglm2 import (ChatGLM2ForConditionalGeneratio
                                                  fine_tuning_method, select_trainable)
 from research.common.errors import UserInputError
 from research.common.memory import check_memory
-from research.common.parallel import init_data_parallel
-from research.common.runtime import init_context, load_weights, resolve_path
-from research.common.trainer import Trainer, TrainingArguments, output_dir_lock
+from research.common.runtime import load_weights, resolve_path
+from research.common.trainer import Trainer, output_dir_lock, prepare_training
 
 # Top-level YAML fields that fine-tuning reads (eval_dataset: run_chatglm2_eval.py's, in the same
 # YAML as MindFormers keeps it); each reader checks the fields of its section.
@@ -35,19 +34,9 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
     The YAML, the tokenizer, the checkpoint path and the data are checked, then output_dir is
     locked against a second run, before the model is built. `resume`: True for the latest full
     checkpoint in output_dir (none yet: start at step 0), or a checkpoint path."""
-    if batch_size is not None and batch_size <= 0:
-        raise UserInputError(f"--batch_size must be positive, got {batch_size}")
     yaml_config, model_config = load_chatglm2_config(config)
-    if graph_mode is not None:
-        yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
-    init_context(yaml_config, device_id)
-    parallel = init_data_parallel(yaml_config)
-    overrides = dict(batch_size=batch_size, epochs=epochs,
-                     output_dir=output_dir and os.path.abspath(output_dir))  # a flag: from here
-    training = TrainingArguments.from_yaml(yaml_config, **{k: v for k, v in overrides.items() if v is not None})
-    unread = sorted(set(yaml_config) - set(FINETUNE_FIELDS) - {"source"})  # source: the ConfigSource
-    if unread:
-        raise UserInputError(f"{yaml_config.source.where(unread[0])}: not read by fine-tuning; remove the field")
+    parallel, training = prepare_training(yaml_config, FINETUNE_FIELDS, graph_mode=graph_mode, batch_size=batch_size,
+                                          device_id=device_id, epochs=epochs, output_dir=output_dir)
     data_config = ADGenDataConfig.from_yaml(yaml_config)
     if data_config.seq_length > model_config.seq_length:
         raise UserInputError(f"{yaml_config.source.path}: train_dataset rows are max_source_length + "

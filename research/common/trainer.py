@@ -58,9 +58,9 @@ from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from research.common.loss_curve import write_loss_png
 from research.common.lr_schedule import AnnealingLR, LayerScaledLR, layer_index, layer_lr_scale
-from research.common.parallel import ParallelContext, gradient_reducer
+from research.common.parallel import ParallelContext, gradient_reducer, init_data_parallel
 from research.common.progress import Progress
-from research.common.runtime import build_registered
+from research.common.runtime import build_registered, init_context
 
 COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "skipped", "seconds")
 _STATE_KEYS = ("step", "epoch", "position", "loss_scale", "good_steps", "bad_steps", "global_batch")
@@ -668,6 +668,26 @@ class Trainer:
                 f"on {state['bad_steps']} consecutive steps, which loss scaling cannot fix. "
                 f"The losses so far are in {os.path.join(self.output_dir, 'loss.csv')}{hint}. "
                 f"Lower the learning rate or check the data.")
+
+
+def prepare_training(yaml_config, read_fields, *, graph_mode=None, batch_size=None, device_id=None, epochs=None,
+                     output_dir=None):
+    """What every fine-tuning run does first: the device and mode (--graph_mode), the data-parallel
+    group, the TrainingArguments with the flags over the YAML, and a refusal of top-level YAML
+    fields outside `read_fields`. Returns (parallel context, training arguments)."""
+    if batch_size is not None and batch_size <= 0:
+        raise UserInputError(f"--batch_size must be positive, got {batch_size}")
+    if graph_mode is not None:
+        yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
+    init_context(yaml_config, device_id)
+    parallel = init_data_parallel(yaml_config)
+    overrides = dict(batch_size=batch_size, epochs=epochs,
+                     output_dir=output_dir and os.path.abspath(output_dir))  # a flag: from here
+    training = TrainingArguments.from_yaml(yaml_config, **{k: v for k, v in overrides.items() if v is not None})
+    unread = sorted(set(yaml_config) - set(read_fields) - {"source"})  # source: the ConfigSource
+    if unread:
+        raise UserInputError(f"{yaml_config.source.where(unread[0])}: not read by fine-tuning; remove the field")
+    return parallel, training
 
 
 def finetune_parser(description, default_config, config_dir):

@@ -5,11 +5,8 @@ of the Q-Former and glm_proj, plus the ViT / GLM when `freeze_vision` / `freeze_
 """
 import os
 
-from research.common.errors import UserInputError
 from research.common.memory import check_memory
-from research.common.parallel import init_data_parallel
-from research.common.runtime import init_context
-from research.common.trainer import Trainer, TrainingArguments, output_dir_lock
+from research.common.trainer import Trainer, output_dir_lock, prepare_training
 from research.visualglm.configuration_visualglm import load_visualglm_config
 from research.visualglm.dataset_visualglm import build_train_dataset
 from research.visualglm.modeling_visualglm import (VisualGLMForTraining,
@@ -33,20 +30,9 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
     the model is loaded.
     `resume`: True for the latest full checkpoint in output_dir (none yet: start at step 0),
     or a checkpoint path."""
-    if batch_size is not None and batch_size <= 0:
-        raise UserInputError(f"--batch_size must be positive, got {batch_size}")
     yaml_config, model_config = load_visualglm_config(config)
-    if graph_mode is not None:
-        yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
-    init_context(yaml_config, device_id)
-    parallel = init_data_parallel(yaml_config)
-    overrides = dict(batch_size=batch_size, epochs=epochs,
-                     output_dir=output_dir and os.path.abspath(output_dir))  # a flag: from here
-    training = TrainingArguments.from_yaml(yaml_config, **{k: v for k, v in overrides.items() if v is not None})
-    unread = sorted(set(yaml_config) - set(FINETUNE_FIELDS) - {"source"})  # source: the ConfigSource
-    if unread:
-        raise UserInputError(f"{yaml_config.source.where(unread[0])}: not read by fine-tuning; "
-                             f"remove the field")
+    parallel, training = prepare_training(yaml_config, FINETUNE_FIELDS, graph_mode=graph_mode, batch_size=batch_size,
+                                          device_id=device_id, epochs=epochs, output_dir=output_dir)
     processor = build_processor(yaml_config.get("processor") or {}, model_config.image_length)
     dataset = build_train_dataset(yaml_config, processor, model_config.text_config)
     check_memory(model_config.memory_estimate(training.batch_size, dataset.seq_length),
