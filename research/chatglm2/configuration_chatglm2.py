@@ -163,9 +163,7 @@ class ChatGLM2Config(ModelConfig):
         if self.pre_seq_len is not None and self.pre_seq_len < 0:
             raise FieldError("pre_seq_len", f"must be >= 0 (0 or null: no P-Tuning prefix), got {self.pre_seq_len}")
         if self.pet_config and self.pet_config.get("pet_type") == "ptuning2":
-            raise FieldError("pet_config", "pet_type ptuning2: P-Tuning v2 is set by model_config.pre_seq_len, "
-                                           "prefix_projection and prefix_dropout here (upstream's names); "
-                                           "remove pet_config")
+            self._take_ptuning2_pet_config()
         if self.pet_config and self.pre_seq_len:
             raise FieldError("pet_config", "LoRA and a P-Tuning prefix (pre_seq_len) together: choose one")
         for name in ("hidden_dropout", "attention_dropout", "prefix_dropout"):
@@ -175,6 +173,28 @@ class ChatGLM2Config(ModelConfig):
             if not 0 <= getattr(self, name) < self.padded_vocab_size:
                 raise FieldError(name, f"{getattr(self, name)} is outside the vocabulary "
                                        f"(0..{self.padded_vocab_size - 1})")
+
+
+    def _take_ptuning2_pet_config(self):
+        """MindFormers' run_glm2_6b_ptuning2.yaml describes the prefix in `pet_config` (pet_type
+        ptuning2, pre_seq_len, prefix_projection, projection_dim, dropout_prob); here those are
+        model_config.pre_seq_len / prefix_projection / prefix_dropout, upstream's names."""
+        pet = dict(self.pet_config)
+        pet.pop("pet_type")
+        unknown = sorted(set(pet) - {"pre_seq_len", "prefix_projection", "projection_dim", "dropout_prob"})
+        if unknown:
+            raise FieldError("pet_config", f"unknown ptuning2 field(s) {unknown}; known: pre_seq_len, "
+                                           f"prefix_projection, projection_dim, dropout_prob")
+        projection_dim = pet.get("projection_dim")
+        if pet.get("prefix_projection") and projection_dim not in (None, self.hidden_size):
+            raise FieldError("pet_config", f"projection_dim {projection_dim}: upstream's prefix projection is "
+                                           f"hidden_size ({self.hidden_size}) wide, the only width here")
+        for name, field in (("pre_seq_len", "pre_seq_len"), ("prefix_projection", "prefix_projection"),
+                            ("dropout_prob", "prefix_dropout")):
+            if name in pet:
+                setattr(self, field, pet[name])
+        self.pet_config = None
+        self.validate()
 
 
 def chatglm2_tiny():

@@ -28,7 +28,7 @@ def repo_path(path):
     """A path written in a YAML: relative ones are relative to the repository root, so a config
     names the same files from whichever folder a script starts (command-line paths, by
     contrast, are relative to the current folder, as the shell completes them)."""
-    return path if not path or os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
 
 
 # The top-level fields MindFormers' YAMLs may have, from MindFormers' own config template (its

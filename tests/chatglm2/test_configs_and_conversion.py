@@ -70,7 +70,8 @@ def test_classes_are_registered_without_replacing_mindformers_own():
 @pytest.mark.parametrize("field, value, message", [
     ("quantization_bit", 4, "int4/int8"),
     ("pre_seq_len", -1, "must be >= 0"),
-    ("pet_config", {"pet_type": "ptuning2", "pre_seq_len": 128}, "P-Tuning v2 is set by model_config.pre_seq_len"),
+    ("pet_config", {"pet_type": "ptuning2", "pre_seq_len": 4, "prefix_projection": True, "projection_dim": 128},
+     "projection_dim 128: upstream's prefix projection is hidden_size"),
     ("rmsnorm", False, "expected Literal"),
     ("num_layers", "28", "expected int"),
     ("batch_size", 0, "must be positive"),
@@ -86,6 +87,17 @@ def test_bad_yaml_fields_are_refused_with_file_and_line(tmp_path, field, value, 
 def test_mindformers_type_names_read_too(tmp_path):
     path = write_yaml(tmp_path / "mf.yaml", TINY, {"model.model_config.type": "ChatGLM2Config"})
     assert load_chatglm2_config(path)[1] == ChatGLM2Config.from_name("tiny")
+
+
+def test_mindformers_ptuning2_pet_config_sets_the_prefix(tmp_path):
+    """MindFormers r1.0 run_glm2_6b_ptuning2.yaml's pet_config (projection off: projection_dim unused)."""
+    pet = {"pet_type": "ptuning2", "pre_seq_len": 128, "prefix_projection": False, "projection_dim": 128,
+           "dropout_prob": 0.0}
+    path = write_yaml(tmp_path / "mf.yaml", TINY, {"model.model_config.pet_config": pet,
+                                                   "model.model_config.pre_seq_len": 0})
+    config = load_chatglm2_config(path)[1]
+    assert (config.pre_seq_len, config.prefix_projection, config.prefix_dropout, config.pet_config) == (
+        128, False, 0.0, None)
 
 
 def test_mindformers_batch_size_is_the_default_batch(tmp_path):
