@@ -6,8 +6,6 @@ The method follows the model config, as upstream's flags and MindFormers' YAMLs 
 the YAML's ADGEN `train_dataset` (research.chatglm2.dataset_chatglm2); the trainer, LR
 schedules, loss scaling, data-parallel launch and exact resume are research.common.trainer's.
 """
-import os
-
 from research.chatglm2.configuration_chatglm2 import load_chatglm2_config
 from research.chatglm2.dataset_chatglm2 import ADGenDataConfig, load_adgen
 from research.chatglm2.inference import build_tokenizer, check_tokenizer
@@ -16,7 +14,7 @@ from research.chatglm2.modeling_chatglm2 import (ChatGLM2ForConditionalGeneratio
 from research.common.errors import UserInputError
 from research.common.memory import check_memory
 from research.common.runtime import load_weights, resolve_path
-from research.common.trainer import Trainer, output_dir_lock, prepare_training
+from research.common.trainer import output_dir_lock, prepare_training, train_and_report
 
 # Top-level YAML fields that fine-tuning reads (eval_dataset: run_chatglm2_eval.py's, in the same
 # YAML as MindFormers keeps it); each reader checks the fields of its section.
@@ -57,18 +55,6 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
         if method == "lora":
             add_lora(model, yaml_config.source)
         trainable = select_trainable(model)
-        if parallel.is_main:
-            count = sum(int(p.size) for p in trainable)
-            resumed = "; --resume replaces the trained ones with the saved state, if any" if resume else ""
-            weights = model_config.checkpoint_name_or_path if loaded else "none (random initialisation)"
-            print(f"weights loaded: {weights}{resumed}")
-            print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
-                  f"{METHOD_NAMES[method]}; rank {parallel.rank} of {parallel.world_size}")
-        network = ChatGLM2ForTraining(model)
-        network.set_train(True)
-        trainer = Trainer(network, trainable, training, parallel_context=parallel)
-        history = trainer.train(dataset, resume=resume)
-        if parallel.is_main and history:
-            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
-                  f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
-        return trainer, history
+        weights = model_config.checkpoint_name_or_path if loaded else "none (random initialisation)"
+        return train_and_report(ChatGLM2ForTraining(model), trainable, training, parallel, dataset, resume,
+                                weights=weights, method=METHOD_NAMES[method])

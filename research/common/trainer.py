@@ -690,6 +690,25 @@ def prepare_training(yaml_config, read_fields, *, graph_mode=None, batch_size=No
     return parallel, training
 
 
+def train_and_report(network, trainable, training, parallel, dataset, resume, *, weights, method):
+    """Train `network` (its `trainable` parameters) on `dataset` and say, on the main rank, what
+    was loaded (`weights`), what trains (`method`) and where the result went; returns (trainer,
+    loss history)."""
+    if parallel.is_main:
+        count = sum(int(p.size) for p in trainable)
+        resumed = "; --resume replaces the trained ones with the saved state, if any" if resume else ""
+        print(f"weights loaded: {weights}{resumed}")
+        print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
+              f"{method}; rank {parallel.rank} of {parallel.world_size}")
+    network.set_train(True)
+    trainer = Trainer(network, trainable, training, parallel_context=parallel)
+    history = trainer.train(dataset, resume=resume)
+    if parallel.is_main and history:
+        print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
+              f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
+    return trainer, history
+
+
 def finetune_parser(description, default_config, config_dir):
     """The flags of every run_*_finetune.py (MindFormers' names, plus --resume); the caller
     passes `resume_value(args.resume)` on."""

@@ -3,10 +3,8 @@
 With `text_config.pet_config` (LoRA) only the LoRA matrices train; without it, full fine-tuning
 of the Q-Former and glm_proj, plus the ViT / GLM when `freeze_vision` / `freeze_text` are False.
 """
-import os
-
 from research.common.memory import check_memory
-from research.common.trainer import Trainer, output_dir_lock, prepare_training
+from research.common.trainer import output_dir_lock, prepare_training, train_and_report
 from research.visualglm.configuration_visualglm import load_visualglm_config
 from research.visualglm.dataset_visualglm import build_train_dataset
 from research.visualglm.modeling_visualglm import (VisualGLMForTraining,
@@ -44,17 +42,6 @@ def finetune(config, *, graph_mode=None, batch_size=None, device_id=None, epochs
         if lora:
             add_glm_lora(model, yaml_config.source)
         trainable = select_trainable(model)
-        if parallel.is_main:
-            count = sum(int(p.size) for p in trainable)
-            resumed = "; --resume replaces the trained ones with the saved state, if any" if resume else ""
-            print(f"weights loaded: {', '.join(loaded) or 'none (random initialisation)'}{resumed}")
-            print(f"training {len(trainable)} tensors ({count:,} parameters) on {len(dataset)} samples; "
-                  f"{'LoRA' if lora else 'full fine-tuning'}; rank {parallel.rank} of {parallel.world_size}")
-        network = VisualGLMForTraining(model)
-        network.set_train(True)
-        trainer = Trainer(network, trainable, training, parallel_context=parallel)
-        history = trainer.train(dataset, resume=resume)
-        if parallel.is_main and history:
-            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; trainable checkpoints "
-                  f"in {os.path.join(trainer.output_dir, 'checkpoint_trainable')}")
-        return trainer, history
+        return train_and_report(VisualGLMForTraining(model), trainable, training, parallel, dataset, resume,
+                                weights=', '.join(loaded) or 'none (random initialisation)',
+                                method='LoRA' if lora else 'full fine-tuning')
