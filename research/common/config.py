@@ -185,6 +185,8 @@ class ModelConfig:
         for name, value in values.items():
             annotation = hints[name]
             sub = _sub_config_class(annotation)
+            if value == "None" and check_value(None, annotation):
+                value = None  # MindFormers' YAMLs write `None` (a string to YAML) for "not set"
             if sub is not None and isinstance(value, dict):
                 value = sub.from_dict(value, f"{where}.{name}", source)
             elif not check_value(value, annotation):

@@ -3,8 +3,9 @@ load checkpoints, and turn bad input into a one-line error with exit code 2."""
 import dataclasses
 import functools
 import os
+import re
 import sys
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import mindspore as ms
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -64,36 +65,61 @@ def device_target():
 
 @dataclasses.dataclass
 class ContextConfig(ModelConfig):
-    """The YAML's `context`: MindSpore's execution mode and the Ascend device."""
+    """The YAML's `context`: MindSpore's execution mode and the Ascend device, plus the MindSpore
+    context settings MindFormers' YAMLs carry, handed to MindSpore as MindFormers' build_context
+    hands them (MindSpore itself says where one does not apply, e.g. max_device_memory on CPU)."""
 
     mode: int = 0  # 0 GRAPH, 1 PYNATIVE
     device_id: Optional[int] = None  # the NPU on Ascend (a CPU run has one device)
     # MindFormers' field; by default the device is found (Ascend where an NPU is visible, else CPU).
     device_target: Optional[Literal["Ascend", "CPU"]] = None
+    max_device_memory: Optional[str] = None  # e.g. "30GB" ("59GB" for Atlas 800T A2)
+    max_call_depth: Optional[int] = None
+    save_graphs: Union[bool, int, None] = None
+    save_graphs_path: Optional[str] = None
+    enable_graph_kernel: Optional[bool] = None
+    graph_kernel_flags: Optional[str] = None
 
     def validate(self):
         if self.mode not in (0, 1):
             raise FieldError("mode", f"must be 0 (GRAPH) or 1 (PYNATIVE), got {self.mode!r}")
         if self.device_id is not None and self.device_id < 0:
             raise FieldError("device_id", f"must be >= 0, got {self.device_id}")
+        if self.max_device_memory is not None and not re.fullmatch(r"\d+(\.\d+)?GB", self.max_device_memory):
+            raise FieldError("max_device_memory", f"must be a size such as '30GB', got {self.max_device_memory!r}")
+        if self.max_call_depth is not None and self.max_call_depth < 1:
+            raise FieldError("max_call_depth", f"must be >= 1, got {self.max_call_depth}")
+
+    def mindspore_settings(self):
+        """The fields MindSpore's set_context takes as they are (those given in the YAML)."""
+        names = ("max_device_memory", "max_call_depth", "save_graphs", "save_graphs_path",
+                 "enable_graph_kernel", "graph_kernel_flags")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-def init_context(config, device_id=None):
+# MindFormers' run_mindformer.py tasks; its --run_mode flag overrides the YAML's, as the script does here.
+RUN_MODES = ("train", "finetune", "eval", "predict", "export")
+
+
+def init_context(config, device_id=None, tasks=("predict", "eval")):
     """Set MindSpore's mode, device and seed from the YAML's `context` and `seed`.
 
     The device is `device_id` (the --device_id flag) when given, else `context.device_id`, else
-    $DEVICE_ID, else 0, as in MindFormers (run_mindformer.py, build_context). `run_mode` is
-    refused: each script does one task.
+    $DEVICE_ID, else 0, as in MindFormers (run_mindformer.py, build_context). The script chooses
+    the task, as MindFormers' --run_mode does; a YAML `run_mode` naming another one (the same
+    MindFormers YAML serves all tasks) is said in one line, not obeyed.
     """
     source = getattr(config, "source", None)
 
     def where(path):
         return source.where(path) if source is not None else path
 
-    if "run_mode" in config:
-        raise UserInputError(f"{where('run_mode')}: not read: each script does one task "
-                             f"(run_visualglm*.py and run_glm.py answer, run_visualglm_finetune.py "
-                             f"fine-tunes); remove the field")
+    run_mode = config.get("run_mode")
+    if run_mode is not None and run_mode not in RUN_MODES:
+        raise UserInputError(f"{where('run_mode')}: must be one of {list(RUN_MODES)}, got {run_mode!r}")
+    if run_mode is not None and run_mode not in tasks:
+        print(f"note: {where('run_mode')} is {run_mode!r}; {os.path.basename(sys.argv[0])} does "
+              f"{tasks[0]!r}: the script chooses the task (MindFormers' --run_mode)", file=sys.stderr)
     context = ContextConfig.from_dict(config.get("context"), "context", source)
     if context.device_id is not None and config.get("use_parallel"):
         raise UserInputError(f"{where('context.device_id')}: with use_parallel: True each process "
@@ -115,6 +141,8 @@ def init_context(config, device_id=None):
         ms.set_device(target, int(device_id))
     elif ms.get_context("device_target") != target:  # CPU is the default; set once per process
         ms.set_device(target)
+    if context.mindspore_settings():  # after the device: max_device_memory applies to it
+        ms.set_context(**context.mindspore_settings())
     ms.set_seed(check_int(where("seed"), config.get("seed") or 0, minimum=0))
     return target
 

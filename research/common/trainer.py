@@ -679,7 +679,7 @@ def prepare_training(yaml_config, read_fields, *, graph_mode=None, batch_size=No
         raise UserInputError(f"--batch_size must be positive, got {batch_size}")
     if graph_mode is not None:
         yaml_config.context = {**(yaml_config.get("context") or {}), "mode": graph_mode}
-    init_context(yaml_config, device_id)
+    init_context(yaml_config, device_id, tasks=("finetune", "train"))
     parallel = init_data_parallel(yaml_config)
     overrides = dict(batch_size=batch_size, epochs=epochs,
                      output_dir=output_dir and os.path.abspath(output_dir))  # a flag: from here

@@ -3,6 +3,7 @@ import io
 import json
 import os
 
+import mindspore as ms
 import pytest
 import yaml
 
@@ -100,15 +101,19 @@ def test_bad_input_is_one_line_and_exit_2(yaml_path, tmp_path, capsys, tiny_ice_
                                                   "visualglm_glm.ckpt", "history.json", "arch.yaml"}
 
 
-def test_a_mindformers_glm2_yaml_runs_as_it_is(yaml_path, tmp_path):
+def test_a_mindformers_glm2_yaml_runs_as_it_is(yaml_path, tmp_path, capsys):
     """MindFormers r1.0 configs/glm2/run_glm2_6b.yaml's layout (its type names, model_config.batch_size,
     the GLMProcessor node with the tokenizer's *_token fields, trainer sections), at tiny sizes."""
     with open(yaml_path, encoding="utf-8") as stream:
         ours = yaml.safe_load(stream)
-    model_config = {**ours["model"]["model_config"], "type": "ChatGLM2Config", "batch_size": 2}
+    model_config = {**ours["model"]["model_config"], "type": "ChatGLM2Config", "batch_size": 2,
+                    "pre_seq_len": "None", "prefix_projection": False}  # YAML `None` is a string
     mindformers = {
-        "seed": 0, "output_dir": "./output", "load_checkpoint": "", "auto_trans_ckpt": False,
-        "context": {"mode": 0, "device_target": "CPU", "device_id": 0},
+        "seed": 0, "run_mode": "train", "output_dir": "./output", "load_checkpoint": "", "auto_trans_ckpt": False,
+        "only_save_strategy": False, "resume_training": False,
+        "context": {"mode": 0, "device_target": "CPU", "enable_graph_kernel": False,
+                    "graph_kernel_flags": "--disable_expand_ops=Softmax,Dropout --enable_parallel_fusion=true",
+                    "max_call_depth": 10000, "max_device_memory": "30GB", "save_graphs": False, "device_id": 0},
         "model": {"model_config": model_config, "arch": {"type": "ChatGLM2ForConditionalGeneration"}},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "glm2_6b"},
         "processor": {"return_tensors": "ms", "type": "GLMProcessor", "tokenizer": {
@@ -116,9 +121,19 @@ def test_a_mindformers_glm2_yaml_runs_as_it_is(yaml_path, tmp_path):
             "mask_token": "[MASK]", "gmask_token": "[gMASK]", "pad_token": "<pad>", "unk_token": "<unk>",
             "vocab_file": ours["processor"]["tokenizer"]["vocab_file"]}},
         "runner_config": {"epochs": 1, "batch_size": 8, "sink_mode": True, "sink_size": 4},
+        "lr_schedule": {"type": "polynomial", "learning_rate": 5.e-5, "lr_end": 1.e-6, "warmup_steps": 0,
+                        "total_steps": -1},
+        "optimizer": {"type": "FP32StateAdamWeightDecay", "beta1": 0.9, "beta2": 0.95, "eps": 1.e-8,
+                      "weight_decay": 0.1},
+        "use_parallel": False, "parallel": {"parallel_mode": 1, "full_batch": True},
+        "parallel_config": {"data_parallel": 8, "model_parallel": 1, "pipeline_stage": 1},
+        "recompute_config": {"recompute": True}, "profile": False,
+        "callbacks": [{"type": "MFLossMonitor"}, {"type": "CheckpointMointor", "prefix": "glm2-6b"}],
     }
     path = tmp_path / "run_glm2_6b.yaml"
-    path.write_text(yaml.safe_dump(mindformers, allow_unicode=True), encoding="utf-8")
+    path.write_text(yaml.safe_dump(mindformers, allow_unicode=True, sort_keys=False), encoding="utf-8")
     answers = run_chatglm2.main(["--config", str(path), "--prompt", "你好", "--prompt", "hi", "--max_new_tokens", "3"])
+    assert f"note: {path}:2: run_mode is 'train';" in capsys.readouterr().err  # the script's task is 'predict'
+    assert ms.get_context("max_call_depth") == 10000  # the context settings reach MindSpore
     assert answers == run_chatglm2.main(["--config", yaml_path, "--prompt", "你好", "--prompt", "hi",
                                          "--max_new_tokens", "3"])

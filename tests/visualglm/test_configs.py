@@ -297,9 +297,29 @@ def test_context_device_id_is_the_default_device(tmp_path, ascend, monkeypatch):
     assert ascend == [("Ascend", 3), ("Ascend", 5), ("Ascend", 3), ("Ascend", 6)]
 
 
+def test_mindformers_context_settings_reach_mindspore_after_the_device(tmp_path, monkeypatch, capsys):
+    """MindFormers' YAML context fields are handed to MindSpore (as its build_context does), once the
+    device is set, so that max_device_memory caps the NPU's memory; run_mode is said, not obeyed."""
+    calls = []
+    monkeypatch.setattr(runtime, "device_target", lambda: "Ascend")
+    monkeypatch.setattr(runtime.ms, "set_device", lambda *args: calls.append(("set_device",) + args))
+    monkeypatch.setattr(runtime.ms, "set_context", lambda **kwargs: calls.append(("set_context", kwargs)))
+    monkeypatch.setattr(runtime.ms, "set_seed", lambda seed: None)
+    path, _ = yaml_with(tmp_path, TINY_YAML, "context.max_device_memory", "'59GB'")
+    path, _ = yaml_with(tmp_path, path, "context.max_call_depth", 10000)
+    path, line = yaml_with(tmp_path, path, "run_mode", "'train'")
+    runtime.init_context(load_config(path))
+    assert calls == [("set_context", {"mode": runtime.ms.GRAPH_MODE}), ("set_device", "Ascend", 0),
+                     ("set_context", {"max_device_memory": "59GB", "max_call_depth": 10000})]
+    assert f"{path}:{line}: run_mode is 'train';" in capsys.readouterr().err
+    runtime.init_context(load_config(path), tasks=("finetune", "train"))
+    assert "run_mode" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("base, field, value, reason", [
-    (TINY_YAML, "run_mode", "'predict'", "not read: each script does one task"),
-    (TINY_YAML, "context.max_device_memory", "'58GB'", "unknown field(s) ['max_device_memory']"),
+    (TINY_YAML, "run_mode", "'serve'", "must be one of ['train', 'finetune', 'eval', 'predict', 'export']"),
+    (TINY_YAML, "context.max_device_memory", "'58'", "must be a size such as '30GB', got '58'"),
+    (TINY_YAML, "context.enable_graph_kernel_x", "False", "unknown field(s) ['enable_graph_kernel_x']"),
     (TINY_YAML, "context.mode", 2, "must be 0 (GRAPH) or 1 (PYNATIVE), got 2"),
 ])
 def test_context_refusals(tmp_path, ascend, base, field, value, reason):
