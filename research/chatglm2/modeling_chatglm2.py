@@ -168,12 +168,14 @@ class GLMBlock(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    """Word embeddings only (no positions, no scaling); MindFormers 1.9's parameter name."""
+    """Word embeddings only (no positions, no scaling); MindFormers 1.9's parameter name. Random
+    weights are N(0, 1) as upstream's torch nn.Embedding starts (zeros would leave the first
+    layer's attention without a gradient when training from scratch)."""
 
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.embedding_weight = Parameter(
-            Tensor(np.zeros((config.padded_vocab_size, config.hidden_size)), ms_dtype(config.param_init_type)),
+            initializer(Normal(1.0), (config.padded_vocab_size, config.hidden_size), ms_dtype(config.param_init_type)),
             name="embedding_weight")
 
     def construct(self, input_ids):
