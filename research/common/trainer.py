@@ -187,6 +187,11 @@ class TrainingArguments:
                                  f"reads; make them equal or remove train_dataset.batch_size")
         lr_schedule = config.get("lr_schedule")
         if lr_schedule:
+            for key, value in lr_schedule.items():  # every field but `type` is a number
+                if key != "type" and (isinstance(value, (str, bool)) or not isinstance(value, (int, float))):
+                    hint = "; write floats with a dot, like 2.0e-2" if isinstance(value, str) else ""
+                    raise UserInputError(f"{where('lr_schedule.' + key)}: expected a number, got {value!r} "
+                                         f"({type(value).__name__}){hint}")
             values["lr_schedule"] = dict(lr_schedule)
         values["output_dir"] = repo_path(values.get("output_dir", cls.output_dir))
         values.update(overrides)

@@ -171,3 +171,22 @@ def test_two_processes_equal_one_process_on_the_combined_batch(setup, tmp_path):
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
         np.testing.assert_allclose(rank0[name], alone[name], atol=2e-5, rtol=0, err_msg=name)
     assert len(glob.glob(str(tmp_path / "parallel" / "checkpoint_trainable" / "rank_*"))) == 2
+
+
+def test_a_model_trained_from_scratch_gets_a_gradient_in_every_parameter():
+    """Random weights as upstream's start (embeddings N(0, 1)): with zero embeddings the first
+    layer's norm and query/key/value would get no gradient and the model would not learn to read
+    the prompt (the demo's base model)."""
+    import mindspore as ms
+    from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration, ChatGLM2ForTraining
+
+    config = ChatGLM2Config.from_name("tiny")
+    model = ChatGLM2ForConditionalGeneration(config)
+    embedding = model.transformer.embedding.embedding_weight.asnumpy()
+    assert abs(float(embedding.std()) - 1.0) < 0.05 and abs(float(embedding.mean())) < 0.05
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(3, 300, (2, 12)).astype(np.int32)
+    labels = np.where(np.arange(12) >= 6, input_ids, -100).astype(np.int32)
+    params = list(model.get_parameters())
+    _, grads = ms.value_and_grad(ChatGLM2ForTraining(model), None, params)(ms.Tensor(input_ids), ms.Tensor(labels))
+    assert [p.name for p, g in zip(params, grads) if not np.abs(g.asnumpy()).max() > 0] == []

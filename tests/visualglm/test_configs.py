@@ -371,6 +371,8 @@ def test_parallel_refusals(tmp_path, field, value, reason):
     ("lr_scale", True, "only False is implemented"),
     ("lr_scale_factor", 256, "not supported: it scales the learning rate only with lr_scale: True"),
     ("train_dataset_task", "{type: VisualGLMDataset}", "not supported: MindFormers builds its dataset"),
+    ("lr_schedule.learning_rate", "2e-2", "expected a number, got '2e-2' (str); write floats with a dot"),
+    ("lr_schedule.warmup_steps", "True", "expected a number, got True (bool)"),
 ])
 def test_trainer_refusals(tmp_path, field, value, reason):
     path, line = yaml_with(tmp_path, LORA_YAML, field, value)
