@@ -22,6 +22,7 @@ $(INSTALLED): pyproject.toml Makefile
 
 demo: $(INSTALLED)
 	$(PY) -m research.visualglm.demo
+	$(PY) -m research.chatglm2.demo
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

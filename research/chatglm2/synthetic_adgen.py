@@ -38,19 +38,34 @@ def describe(attributes):
     return "，".join(parts + [GARMENTS[attributes["类型"]]]) + "。"
 
 
-def make_example(rng):
-    """One {"content", "summary"} row drawn from `rng` (a random.Random)."""
+def list_values(attributes):
+    """The demo's base task: the attribute values listed, garment first ("上衣：红色、休闲。")."""
+    values = [attributes[key] for key in ATTRIBUTES if key in attributes]
+    return f"{attributes['类型']}：{'、'.join(values)}。"
+
+
+def make_example(rng, answer=describe):
+    """One {"content", "summary"} row drawn from `rng` (a random.Random); `answer` writes the
+    summary from the attributes."""
     keys = set(rng.sample(sorted(ATTRIBUTES), rng.randint(1, 3)))
     attributes = {"类型": rng.choice(sorted(GARMENTS))}
     attributes.update({key: rng.choice(ATTRIBUTES[key][0]) for key in ATTRIBUTES if key in keys})
     content = "*".join(f"{key}#{value}" for key, value in attributes.items())
-    return {"content": content, "summary": describe(attributes)}
+    return {"content": content, "summary": answer(attributes)}
 
 
-def generate_adgen(count, seed=0):
-    """`count` rows, a pure function of (count, seed)."""
+def generate_adgen(count, seed=0, answer=describe):
+    """`count` rows, a pure function of (count, seed, answer)."""
     rng = random.Random(seed)
-    return [make_example(rng) for _ in range(count)]
+    return [make_example(rng, answer) for _ in range(count)]
+
+
+def write_rows(path, rows):
+    """One JSON object a line, as AdvertiseGen, written atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as stream:
+        for row in rows:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def write_adgen(directory, train=1000, dev=100, seed=0):
@@ -61,11 +76,7 @@ def write_adgen(directory, train=1000, dev=100, seed=0):
     os.makedirs(directory, exist_ok=True)
     paths = []
     for name, count, split_seed in (("train", train, seed), ("dev", dev, seed + 1)):
-        path = os.path.join(directory, f"{name}.json")
-        with atomic_write(path, "w", encoding="utf-8") as stream:
-            for row in generate_adgen(count, split_seed):
-                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        paths.append(path)
+        paths.append(write_rows(os.path.join(directory, f"{name}.json"), generate_adgen(count, split_seed)))
     return tuple(paths)
 
 

@@ -18,19 +18,17 @@ format, the tokenizer, the training set, the YAML; for LoRA also the base checkp
 demo writes DIR/configs/*.yaml: the three YAMLs with their output/demo paths moved to DIR.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
-import sys
 import time
 
-import yaml
-
+from research.common import demo as common_demo
 from research.common.checkpoint import latest_checkpoint
 from research.common.config import REPO_ROOT, resolve_config_path
+from research.common.demo import activation_line, fingerprint, read_stamp, shown, write_stamp
 from research.common.runtime import cli_main
 from research.visualglm import synthetic_data
 from research.visualglm.finetune import finetune
@@ -39,7 +37,6 @@ from research.visualglm.inference import load_visualglm
 DEFAULT_DIR = os.path.join(REPO_ROOT, "output", "demo")
 CONFIGS = {"finetune": "run_visualglm_tiny_finetune.yaml", "demo": "run_visualglm_tiny_demo.yaml",
            "lora": "run_visualglm_tiny_lora.yaml"}
-YAML_PREFIXES = ("./output/demo/", "output/demo/")  # how the three YAMLs spell DEFAULT_DIR
 CHECKPOINT_NAMES = ("visualglm_vit", "visualglm_qformer", "glm_6b")  # save_checkpoints' order
 TRAIN_COUNT = 2000
 STYLE_PATTERN = re.compile(re.escape(synthetic_data.STYLE_TEMPLATE)
@@ -64,68 +61,12 @@ class DemoPaths:
         return os.path.realpath(self.root) == os.path.realpath(DEFAULT_DIR)
 
 
-# ---- configs and stamps ------------------------------------------------------------------------
-
-def _moved(node, root):
-    """`node` (parsed YAML) with every output/demo path moved to `root`."""
-    if isinstance(node, dict):
-        return {key: _moved(value, root) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_moved(value, root) for value in node]
-    if isinstance(node, str):
-        for prefix in YAML_PREFIXES:
-            if node.startswith(prefix):
-                return os.path.join(root, node[len(prefix):])
-    return node
-
+# ---- configs ----------------------------------------------------------------------------------
 
 def demo_configs(paths):
     """{stage: config}: the bare names in configs/visualglm/ for output/demo, else copies of them
     in DIR/configs with their output/demo paths moved to DIR (absolute)."""
-    if paths.is_default:
-        return dict(CONFIGS)
-    folder = os.path.join(paths.root, "configs")
-    os.makedirs(folder, exist_ok=True)
-    configs = {}
-    for stage, name in CONFIGS.items():
-        source = resolve_config_path(name, "visualglm")
-        with open(source, encoding="utf-8") as stream:
-            data = _moved(yaml.safe_load(stream), paths.root)
-        configs[stage] = os.path.join(folder, name)
-        with open(configs[stage], "w", encoding="utf-8") as stream:
-            stream.write(f"# configs/visualglm/{name} with its output/demo paths in {paths.root} "
-                         f"(written by research.visualglm.demo)\n")
-            yaml.safe_dump(data, stream, allow_unicode=True, sort_keys=False)
-    return configs
-
-
-def fingerprint(files):
-    """sha256 over the contents of `files`, in order; a YAML counts by what it says (its
-    comments and layout may change without retraining)."""
-    digest = hashlib.sha256()
-    for path in files:
-        if path.endswith((".yaml", ".yml")):
-            with open(path, encoding="utf-8") as stream:
-                content = json.dumps(yaml.safe_load(stream), sort_keys=True).encode("utf-8")
-        else:
-            with open(path, "rb") as stream:
-                content = stream.read()
-        digest.update(hashlib.sha256(content).digest())
-    return digest.hexdigest()
-
-
-def _read(path):
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return stream.read().strip()
-    except OSError:
-        return None
-
-
-def _write(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as stream:
-        stream.write(text + "\n")
-    os.replace(path + ".tmp", path)
+    return common_demo.demo_configs(CONFIGS, "visualglm", DEFAULT_DIR, paths.root, "research.visualglm.demo")
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -150,7 +91,7 @@ def ensure_trained(paths, configs, retrain=False):
     inputs = fingerprint([paths.tokenizer, os.path.join(paths.data, "dataset.json"),
                           resolve_config_path(CONFIGS["finetune"], "visualglm")])
     exist = all(os.path.isfile(path) for path in paths.checkpoints)
-    if not retrain and exist and _read(stamp) == inputs:
+    if not retrain and exist and read_stamp(stamp) == inputs:
         print(f"using the tiny VisualGLM trained before in {shown(paths.checkpoint_dir)} "
               f"(--retrain trains it again)")
         return
@@ -164,7 +105,7 @@ def ensure_trained(paths, configs, retrain=False):
     trainer, history = finetune(configs["finetune"], output_dir=paths.train)
     os.makedirs(paths.checkpoint_dir, exist_ok=True)
     trainer.network.model.save_checkpoints(*paths.checkpoints)
-    _write(stamp, inputs)
+    write_stamp(stamp, inputs)
     print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.2g} in {len(history)} steps, "
           f"{(time.perf_counter() - start) / 60:.1f} min; loss curve: "
           f"{shown(os.path.join(trainer.output_dir, 'loss.png'))}")
@@ -177,7 +118,7 @@ def ensure_lora(paths, configs, retrain=False):
     style = os.path.join(paths.data, "style", "dataset.json")
     inputs = fingerprint([*paths.checkpoints, style, resolve_config_path(CONFIGS["lora"], "visualglm")])
     if (not retrain and os.path.isdir(paths.lora_checkpoints) and os.listdir(paths.lora_checkpoints)
-            and _read(stamp) == inputs):
+            and read_stamp(stamp) == inputs):
         print(f"using the LoRA trained before in {shown(paths.lora_checkpoints)}")
         return
     shutil.rmtree(paths.lora, ignore_errors=True)
@@ -187,7 +128,7 @@ def ensure_lora(paths, configs, retrain=False):
           f"({synthetic_data.STYLE_TEMPLATE})...")
     start = time.perf_counter()
     _, history = finetune(configs["lora"], output_dir=paths.lora)
-    _write(stamp, inputs)
+    write_stamp(stamp, inputs)
     print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.2g} in {len(history)} steps, "
           f"{time.perf_counter() - start:.0f} s")
 
@@ -238,23 +179,6 @@ def lora_scores(answers, rows):
 
 
 # ---- the commands it prints --------------------------------------------------------------------
-
-def shown(path):
-    """A path to print for pasting in the current folder: relative to it, unless it lies
-    outside it (then absolute)."""
-    path = os.path.abspath(path)
-    relative = os.path.relpath(path)
-    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
-
-
-def activation_line():
-    """`source .../bin/activate` of the virtual environment this runs in (else the repository's
-    .venv, which `make` creates)."""
-    activate = os.path.join(sys.prefix, "bin", "activate")
-    if sys.prefix == sys.base_prefix or not os.path.isfile(activate):
-        activate = os.path.join(REPO_ROOT, ".venv", "bin", "activate")
-    return f"source {shlex.quote(shown(activate))}"
-
 
 def chat_commands(paths, configs, image):
     """The lines to paste in the current folder to ask both trained models about `image`;

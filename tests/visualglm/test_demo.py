@@ -79,22 +79,6 @@ def test_printed_commands_paste_as_printed(tmp_path, monkeypatch):
     run = shlex.split(demo.chat_commands(other, configs, str(tmp_path / "out" / "a b.png"))[1])
     assert run[run.index("--config") + 1] == "out/configs/run_visualglm_tiny_demo.yaml"
     assert run[run.index("--image_path") + 1] == "out/a b.png"
-    assert demo.shown(REPO_ROOT) == REPO_ROOT
-
-
-def test_fingerprint_follows_content_not_yaml_comments(tmp_path):
-    base = tmp_path / "a.yaml"
-    base.write_text("seed: 0\nrunner_config:\n  epochs: 12\n", encoding="utf-8")
-    commented = tmp_path / "b.yaml"
-    commented.write_text("# a comment\nseed: 0   # here too\nrunner_config: {epochs: 12}\n", encoding="utf-8")
-    changed = tmp_path / "c.yaml"
-    changed.write_text("seed: 0\nrunner_config:\n  epochs: 13\n", encoding="utf-8")
-    data = tmp_path / "d.json"
-    data.write_text("[]", encoding="utf-8")
-    first = demo.fingerprint([str(data), str(base)])
-    assert first == demo.fingerprint([str(data), str(commented)])
-    assert first != demo.fingerprint([str(data), str(changed)])
-    assert first != demo.fingerprint([str(base), str(data)])
 
 
 def test_data_of_an_older_format_is_written_again(tmp_path, monkeypatch, capsys):
