@@ -24,7 +24,6 @@ tokenizer, the data, the YAML; for the adaptations also the base checkpoint); --
 all three again. With --output_dir other than output/demo_chatglm2, the demo writes
 DIR/configs/*.yaml: the three YAMLs with their output/demo_chatglm2 paths moved to DIR.
 """
-import argparse
 import os
 import shlex
 import shutil
@@ -39,7 +38,7 @@ from research.common import demo as common_demo
 from research.common.atomic import atomic_write
 from research.common.checkpoint import latest_checkpoint
 from research.common.config import REPO_ROOT, resolve_config_path
-from research.common.demo import activation_line, fingerprint, read_stamp, shown, write_stamp
+from research.common.demo import activation_line, demo_parser, fingerprint, read_stamp, shown, write_stamp
 from research.common.runtime import cli_main
 from research.common.testing import train_tiny_chatglm2_model
 
@@ -209,12 +208,7 @@ def printed_commands(paths, configs, prompt):
 
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retrain", action="store_true", help="train all three stages again")
-    parser.add_argument("--output_dir", default=DEFAULT_DIR,
-                        help="where to write data, checkpoints and evaluations (default output/demo_chatglm2 "
-                             "in the repository)")
-    args = parser.parse_args(argv)
+    args = demo_parser(__doc__, DEFAULT_DIR, "all three stages").parse_args(argv)
     paths = DemoPaths(args.output_dir)
     configs = demo_configs(paths)
     ensure_data(paths)

@@ -1,6 +1,7 @@
 """What every model's `make demo` stage shares: its YAMLs moved to another output folder, stamps
 that say which inputs a checkpoint was trained from (so a second run reuses it), and the paths and
 commands it prints for pasting in the current folder."""
+import argparse
 import hashlib
 import json
 import os
@@ -93,3 +94,13 @@ def activation_line():
     if sys.prefix == sys.base_prefix or not os.path.isfile(activate):
         activate = os.path.join(REPO_ROOT, ".venv", "bin", "activate")
     return f"source {shlex.quote(shown(activate))}"
+
+
+def demo_parser(description, default_dir, stages):
+    """The flags every demo takes: --retrain (`stages` trained again) and --output_dir."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--retrain", action="store_true", help=f"train {stages} again")
+    parser.add_argument("--output_dir", default=default_dir,
+                        help=f"where to write everything (default {os.path.relpath(default_dir, REPO_ROOT)} "
+                             f"in the repository)")
+    return parser

@@ -17,7 +17,6 @@ format, the tokenizer, the training set, the YAML; for LoRA also the base checkp
 --retrain runs both training stages again. With --output_dir other than output/demo, the
 demo writes DIR/configs/*.yaml: the three YAMLs with their output/demo paths moved to DIR.
 """
-import argparse
 import json
 import os
 import re
@@ -28,7 +27,7 @@ import time
 from research.common import demo as common_demo
 from research.common.checkpoint import latest_checkpoint
 from research.common.config import REPO_ROOT, resolve_config_path
-from research.common.demo import activation_line, fingerprint, read_stamp, shown, write_stamp
+from research.common.demo import activation_line, demo_parser, fingerprint, read_stamp, shown, write_stamp
 from research.common.runtime import cli_main
 from research.visualglm import synthetic_data
 from research.visualglm.finetune import finetune
@@ -199,13 +198,7 @@ def chat_commands(paths, configs, image):
 
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retrain", action="store_true", help="train both stages again")
-    parser.add_argument("--output_dir", default=DEFAULT_DIR,
-                        help="where to write data, checkpoints and LoRA (default output/demo in "
-                             "the repository)")
-    args = parser.parse_args(argv)
+    args = demo_parser(__doc__, DEFAULT_DIR, "both stages").parse_args(argv)
     paths = DemoPaths(args.output_dir)
     configs = demo_configs(paths)
     ensure_data(paths)
