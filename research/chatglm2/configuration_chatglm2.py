@@ -6,7 +6,7 @@ the code or accepts only the values the code implements: HF chatglm2-6b's archit
 (`rmsnorm`, `post_layer_norm`, `add_bias_linear`, ...) are Literal types pinned to the one
 architecture there is, and what this port does not implement (quantization, flash attention) is refused with the
 reason. Defaults are the 6B model; `PRESETS` /
-`ChatGLM2Config.from_name` name "6b" and "tiny".
+`ChatGLM2Config.from_name` name "6b", "tiny" and "tiny_demo".
 
 Registered in MindFormers' registry as `ResearchChatGLM2Config` (not `ChatGLM2Config`, which
 would silently replace MindFormers' own class).
@@ -118,7 +118,7 @@ class ChatGLM2Config(ModelConfig):
 
     @classmethod
     def from_name(cls, name):
-        """A fresh config of a named preset: one of PRESETS ("6b", "tiny")."""
+        """A fresh config of a named preset: one of PRESETS ("6b", "tiny", "tiny_demo")."""
         return preset(PRESETS, name)
 
     def parameter_count(self):
@@ -207,8 +207,17 @@ def chatglm2_tiny():
                           compute_dtype="float32", use_past=True, do_sample=False)
 
 
+def chatglm2_tiny_demo():
+    """The model of `make demo`'s ChatGLM2 stage (configs/chatglm2/run_glm2_tiny_demo_*.yaml): 2
+    layers of 128 (4 heads of 32, 2 KV groups) over the demo tokenizer's 405 ids, rows of 67 tokens."""
+    return ChatGLM2Config(num_layers=2, padded_vocab_size=448, hidden_size=128, ffn_hidden_size=256,
+                          kv_channels=32, num_attention_heads=4, multi_query_group_num=2,
+                          seq_length=67, max_decode_length=67, param_init_type="float32",
+                          compute_dtype="float32", use_past=True, do_sample=False)
+
+
 # Named presets: name -> factory of a fresh config (the fields' defaults are ChatGLM2-6B).
-PRESETS = {"6b": ChatGLM2Config, "tiny": chatglm2_tiny}
+PRESETS = {"6b": ChatGLM2Config, "tiny": chatglm2_tiny, "tiny_demo": chatglm2_tiny_demo}
 
 
 def load_chatglm2_config(config):

@@ -22,7 +22,8 @@ from tests.config_files import write_yaml
 
 YAML_PRESETS = {"run_glm2_6b.yaml": "6b", "run_glm2_tiny.yaml": "tiny",
                 **{f"run_glm2_{size}_{method}.yaml": size for size in ("6b", "tiny")
-                   for method in ("ptuning2", "lora", "finetune")}}
+                   for method in ("ptuning2", "lora", "finetune")},
+                **{f"run_glm2_tiny_demo_{stage}.yaml": "tiny_demo" for stage in ("base", "ptuning2", "lora")}}
 # What a YAML may choose per run; every other field must equal its preset.
 RUN_FIELDS = {"seq_length", "max_decode_length", "use_past", "do_sample", "top_k", "top_p", "temperature",
               "repetition_penalty", "checkpoint_name_or_path", "pre_seq_len", "hidden_dropout",
