@@ -30,7 +30,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.chatglm2.configuration_chatglm2 import LORA_DEFAULTS, REGISTRY_PREFIX, ChatGLM2Config
 from research.common.kv_cache import InGraphCausalLM, cache_slot_indices, expand_kv_groups, write_cache
-from research.common.layers import SkinnyDense, ms_dtype, next_token_loss
+from research.common.layers import SkinnyDense, StepDropout, ms_dtype, next_token_loss
 
 # Added to masked scores (float32): exp underflows to exactly 0, and a row with nothing to
 # attend (a padding query, never read) stays finite.
@@ -88,7 +88,7 @@ class SelfAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         # q @ k^T without materialising k^T (a transpose of the whole cache per step)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
-        self.attention_dropout = nn.Dropout(p=config.attention_dropout)
+        self.attention_dropout = StepDropout(config.attention_dropout)
 
     def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None,
                   prefix_key=None, prefix_value=None):
@@ -155,7 +155,7 @@ class GLMBlock(nn.Cell):
         self.self_attention = SelfAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.hidden_dropout = nn.Dropout(p=config.hidden_dropout)
+        self.hidden_dropout = StepDropout(config.hidden_dropout)
 
     def construct(self, hidden, cos, sin, attend, key_cache=None, value_cache=None, cache_slots=None,
                   prefix_key=None, prefix_value=None):
@@ -205,7 +205,7 @@ class PrefixEncoder(nn.Cell):
         if config.prefix_projection:
             self.trans = nn.SequentialCell(nn.Dense(width, config.hidden_size), nn.Tanh(),
                                            nn.Dense(config.hidden_size, width))
-        self.dropout = nn.Dropout(p=config.prefix_dropout)
+        self.dropout = StepDropout(config.prefix_dropout)
 
     def construct(self, batch, dtype):
         """(keys, values), each [layers, B, groups, pre_seq_len, d] in `dtype`."""
@@ -237,7 +237,7 @@ class ChatGLM2Model(nn.Cell):
         self.encoder = Encoder(config)
         self.output_layer = SkinnyDense(config.hidden_size, config.padded_vocab_size, has_bias=False,
                                         dtype=ms_dtype(config.param_init_type))
-        self.embedding_dropout = nn.Dropout(p=config.hidden_dropout)
+        self.embedding_dropout = StepDropout(config.hidden_dropout)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
         cos, sin = rotary_tables(config.seq_length, config.rotary_dim, 10000.0 * config.rope_ratio)
         self.rotary_cos = Tensor(cos)

@@ -1,6 +1,9 @@
 """Small building blocks shared by the GLM, the vision tower and the Q-Former."""
+import zlib
+
 import mindspore as ms
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 
 
 def next_token_loss(logits, labels):
@@ -66,3 +69,56 @@ class ErfGeluMLP(nn.Cell):
 
     def construct(self, x):
         return self.dense_4h_to_h(ops.gelu(self.dense_h_to_4h(x), approximate="none"))
+
+
+# The training step, set by the trainer before each step: StepDropout's masks are a function of
+# it, so a resumed run draws the masks the uninterrupted run drew at the same step. (MindSpore's
+# CPU dropout keeps its RNG state inside the compiled kernel, out of reach of a checkpoint.)
+DROPOUT_STEP = Parameter(Tensor(np.int32(0)), name="dropout_step", requires_grad=False)
+
+
+def _int32(value):
+    return Tensor(np.array(value & 0xFFFFFFFF, np.uint32).astype(np.int32))
+
+
+_SHIFT = ops.RightShift()
+_HASH_CONSTANTS = tuple(_int32(c) for c in (0x7FEB352D, 0x846CA68B, 0x9E3779B1, 0x632BE5AB))
+
+
+def _mix32(h):
+    """lowbias32 (a well-mixed 32-bit integer hash) on wrapping int32, logical shifts by masking."""
+    h = ops.bitwise_xor(h, ops.bitwise_and(_SHIFT(h, ops.full_like(h, 16)), ops.full_like(h, 0xFFFF)))
+    h = h * _HASH_CONSTANTS[0]
+    h = ops.bitwise_xor(h, ops.bitwise_and(_SHIFT(h, ops.full_like(h, 15)), ops.full_like(h, 0x1FFFF)))
+    h = h * _HASH_CONSTANTS[1]
+    return ops.bitwise_xor(h, ops.bitwise_and(_SHIFT(h, ops.full_like(h, 16)), ops.full_like(h, 0xFFFF)))
+
+
+class StepDropout(nn.Cell):
+    """Dropout whose keep mask is a hash of (its key, DROPOUT_STEP, the element's index): the same
+    masks at the same step in an uninterrupted and in a resumed run. `key` names the cell among
+    the network's dropouts (set_dropout_keys gives each its own)."""
+
+    def __init__(self, p):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.key = 0
+
+    def construct(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        step_key = _mix32(DROPOUT_STEP * _HASH_CONSTANTS[3] + self.key)
+        index = ops.arange(x.size, dtype=ms.int32).reshape(x.shape)
+        bits = _mix32(index * _HASH_CONSTANTS[2] + step_key)
+        uniform = ops.bitwise_and(bits, ops.full_like(bits, 0xFFFFFF)).astype(ms.float32) * (1.0 / (1 << 24))
+        return ops.select(uniform >= self.p, x / (1.0 - self.p), ops.zeros_like(x))
+
+
+def set_dropout_keys(network, seed):
+    """Give each StepDropout of `network` a key from the run's seed and its name in the network,
+    the same in every process that builds the same network."""
+    for name, cell in network.cells_and_names():
+        if isinstance(cell, StepDropout):
+            cell.key = zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF

@@ -18,7 +18,7 @@ from mindpet.delta.lora import LoRADense
 from research.common.checkpoint import copy_params
 from research.common.config import FieldError, ModelConfig
 from research.common.errors import UserInputError
-from research.common.layers import SkinnyDense
+from research.common.layers import SkinnyDense, StepDropout
 
 LORA_NAMES = ("mindpet_delta_lora_a", "mindpet_delta_lora_b")
 
@@ -93,6 +93,7 @@ def apply_lora(model: nn.Cell, config: LoRAConfig, default_targets, compute_dtyp
                          has_bias=cell.has_bias, param_init_type=cell.weight.dtype,
                          compute_dtype=compute_dtype or cell.weight.dtype)
         prefix = cell.weight.name[:-len("weight")]
+        lora.lora_dropout = StepDropout(config.lora_dropout)  # masks that a resumed run draws again
         lora.weight.set_data(cell.weight.data)
         if cell.has_bias:
             lora.bias.set_data(cell.bias.data)

@@ -57,6 +57,7 @@ from research.common.config import check_value, repo_path, type_name
 from research.common.convert import save_checkpoint_atomic
 from research.common.errors import UserInputError
 from research.common.loss_curve import write_loss_png
+from research.common.layers import DROPOUT_STEP, set_dropout_keys
 from research.common.lr_schedule import AnnealingLR, LayerScaledLR, layer_index, layer_lr_scale
 from research.common.parallel import ParallelContext, gradient_reducer, init_data_parallel
 from research.common.progress import Progress
@@ -454,6 +455,7 @@ class Trainer:
                                             beta1=args.beta1, beta2=args.beta2, eps=args.eps)
         reducer = gradient_reducer(self.optimizer.parameters, self.context)
         flags_all_reduce = ops.AllReduce() if reducer is not None else None
+        set_dropout_keys(self.network, ms.get_seed() or 0)
         self.step_cell = TrainStep(self.network, self.optimizer, self.lr_schedule,
                                    args.max_grad_norm if args.use_clip_grad else None,
                                    reducer, flags_all_reduce)
@@ -621,6 +623,7 @@ class Trainer:
                 samples = [dataset[int(i)] for i in indices]
                 inputs = [ms.Tensor(np.stack([s[c] for s in samples])) for c in columns]
                 start = time.perf_counter()
+                DROPOUT_STEP.set_data(ms.Tensor(np.int32(state["step"])))  # this step's dropout masks
                 loss, overflow, loss_finite, lr = self.step_cell(
                     ms.Tensor(state["loss_scale"], ms.float32), *inputs)
                 loss, overflow, loss_finite = float(loss.asnumpy()), bool(overflow), bool(loss_finite)

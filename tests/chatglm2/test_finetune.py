@@ -120,20 +120,26 @@ def test_adapter_checkpoints_of_another_shape_are_refused(setup, runs, capsys):
         assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_stopped_and_resumed_run_gives_the_same_losses(setup):
-    """Without dropout: MindSpore's in-graph dropout RNG starts afresh in the resumed process,
-    so with prefix_dropout > 0 the masks after the resume point differ (a known limit)."""
-    constant = {"model.model_config.prefix_dropout": 0.0,"lr_schedule": {"type": "AnnealingLR", "learning_rate": 2.e-2, "warmup_steps": 0,
-                                "num_iters": 2 * STEPS, "total_steps": -1, "auto_warmup_steps": 0},
+@pytest.mark.parametrize("method, dropout", [("ptuning2", "model.model_config.prefix_dropout"),
+                                             ("lora", "model.model_config.pet_config.lora_dropout")])
+def test_stopped_and_resumed_run_gives_the_same_losses(setup, method, dropout):
+    """With dropout (0.3): the masks are a function of the step (StepDropout), so the resumed
+    process draws the ones the uninterrupted run drew; MindSpore's own dropout would start afresh."""
+    constant = {dropout: 0.3, "lr_schedule": {"type": "AnnealingLR", "learning_rate": 2.e-2, "warmup_steps": 0,
+                                              "num_iters": 2 * STEPS, "total_steps": -1, "auto_warmup_steps": 0},
                 "callbacks": [{"type": "CheckpointMonitor", "prefix": "pt", "save_checkpoint_steps": STEPS,
                                "keep_checkpoint_max": 2}]}
-    _, full = run_chatglm2_finetune.main(["--config", config(setup, "ptuning2", "full", **constant),
+    _, full = run_chatglm2_finetune.main(["--config", config(setup, method, f"{method}_full", **constant),
                                           "--epochs", "2"])
-    run_chatglm2_finetune.main(["--config", config(setup, "ptuning2", "part", **constant), "--epochs", "1"])
-    _, resumed = run_chatglm2_finetune.main(["--config", config(setup, "ptuning2", "part", **constant),
+    run_chatglm2_finetune.main(["--config", config(setup, method, f"{method}_part", **constant), "--epochs", "1"])
+    _, resumed = run_chatglm2_finetune.main(["--config", config(setup, method, f"{method}_part", **constant),
                                              "--epochs", "2", "--resume", "True"])
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     assert len(full) == 2 * STEPS
+    no_dropout = {**constant, dropout: 0.0}
+    _, plain = run_chatglm2_finetune.main(["--config", config(setup, method, f"{method}_plain", **no_dropout),
+                                           "--epochs", "2"])
+    assert [h["loss"] for h in plain] != [h["loss"] for h in full]  # the dropout is there
 
 
 def test_two_processes_equal_one_process_on_the_combined_batch(setup, tmp_path):
