@@ -19,6 +19,7 @@ the YAML's seq_length; `generation_config` is the YAML's MindFormers fields
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from typing import List, Optional, Sequence
@@ -225,8 +226,11 @@ def load_chatglm2(config=DEFAULT_CONFIG, *, device_id=None, seq_length=None, use
     upstream ptuning/'s checkpoint-N folder / pytorch_model.bin); with `pet_config` the LoRA
     matrices from `lora_checkpoint`. The keywords override the YAML when given. Everything that
     can be checked without the weights (the tokenizer file, the checkpoint paths, whether
-    `batch_size` rows fit in memory) is checked before the model is built.
+    `batch_size` rows fit in memory) is checked before the model is built. The keyword paths are
+    relative to the current folder (as the shell and Python read them), the YAML's to the repository.
     """
+    checkpoint, ptuning_checkpoint, lora_checkpoint = (
+        os.path.abspath(path) if path else path for path in (checkpoint, ptuning_checkpoint, lora_checkpoint))
     yaml_config, model_config = load_chatglm2_config(config)
     where = yaml_config.source.path
     arch = ((yaml_config.get("model") or {}).get("arch") or {}).get("type", MODEL_TYPES[0])

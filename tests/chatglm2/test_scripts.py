@@ -137,3 +137,13 @@ def test_a_mindformers_glm2_yaml_runs_as_it_is(yaml_path, tmp_path, capsys):
     assert ms.get_context("max_call_depth") == 10000  # the context settings reach MindSpore
     assert answers == run_chatglm2.main(["--config", yaml_path, "--prompt", "你好", "--prompt", "hi",
                                          "--max_new_tokens", "3"])
+
+
+def test_checkpoint_flags_are_relative_to_the_current_folder(yaml_path, tmp_path, monkeypatch):
+    """A command-line path is read as the shell completes it (from the current folder), unlike a
+    YAML's, which is relative to the repository (the demo prints such relative flags)."""
+    checkpoint = yaml.safe_load(open(yaml_path, encoding="utf-8"))["model"]["model_config"]["checkpoint_name_or_path"]
+    monkeypatch.chdir(os.path.dirname(checkpoint))
+    prompt = ["--prompt", "你好", "--max_new_tokens", "3"]
+    assert (run_chatglm2.main(["--config", yaml_path, "--checkpoint", os.path.basename(checkpoint), *prompt])
+            == run_chatglm2.main(["--config", yaml_path, *prompt]))

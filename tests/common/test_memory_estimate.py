@@ -175,3 +175,27 @@ def test_oversized_configs_end_in_one_line_without_allocating(tmp_path, changes,
     seconds = float(out.rsplit("seconds after import: ", 1)[1])
     assert seconds < 10, out
     assert usage.ru_maxrss * 1024 < CHILD_MAX_RSS  # Linux reports KiB
+
+
+def test_layer_objects_are_counted_below_what_building_them_takes():
+    """Deep and narrow configs are refused too: 100000 tiny ChatGLM2 layers hold 4.3 GiB of
+    parameters but about 9 GiB of cell and parameter objects, which LAYER_OBJECT_BYTES bounds
+    from below (measured here on 400 layers)."""
+    import os
+    from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
+    from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
+    from research.common.memory import LAYER_OBJECT_BYTES
+
+    def resident():
+        with open("/proc/self/statm", encoding="ascii") as stream:
+            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    config = ChatGLM2Config.from_name("tiny")
+    config.num_layers = 400
+    before = resident()
+    model = ChatGLM2ForConditionalGeneration(config)
+    grown = resident() - before
+    parameter_bytes = config.parameter_count() * 4
+    assert grown - parameter_bytes >= 400 * LAYER_OBJECT_BYTES, (grown, parameter_bytes)
+    assert config.memory_estimate().layer_objects == 400 * LAYER_OBJECT_BYTES
+    del model
