@@ -19,7 +19,7 @@ import os
 
 from research.chatglm2.configuration_chatglm2 import load_chatglm2_config
 from research.chatglm2.inference import ChatGLM2Chat, build_tokenizer, check_tokenizer
-from research.chatglm2.modeling_chatglm2 import chatglm2_positions_and_mask
+from research.common.kv_cache import left_padded_positions_and_mask
 from research.common.errors import UserInputError
 from research.common.lite import decoder_graphs
 from research.common.lite.decoder_graphs import (DECODER_INPUTS, DECODER_NAMES, DEFAULT_GE_CONFIG,
@@ -175,7 +175,7 @@ def load_lite_chatglm2(config, full_model_path, *, inc_model_path=None, lite_che
                              f"were exported from another model; pass the --config they were exported with")
     device_id = _device_id(yaml_config, device_id)
     chosen, runtime_line = select_runtime(runtime, ge_config, device_id)
-    model = GraphCausalLM(full, graphs.get("inc"), table, chatglm2_positions_and_mask)
+    model = GraphCausalLM(full, graphs.get("inc"), table, left_padded_positions_and_mask)
     glm = LiteChatGLM2(model_config, yaml_config, model, tokenizer, True, device_target(), graphs=graphs,
                        runtime=chosen, runtime_line=runtime_line, lite_checkpoint=table_path, device_id=device_id)
     return glm.load_graphs() if load else glm

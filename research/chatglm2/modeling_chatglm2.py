@@ -29,12 +29,9 @@ from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from research.chatglm2.configuration_chatglm2 import LORA_DEFAULTS, REGISTRY_PREFIX, ChatGLM2Config
-from research.common.kv_cache import InGraphCausalLM, cache_slot_indices, expand_kv_groups, write_cache
-from research.common.layers import SkinnyDense, StepDropout, ms_dtype, next_token_loss
-
-# Added to masked scores (float32): exp underflows to exactly 0, and a row with nothing to
-# attend (a padding query, never read) stays finite.
-MASKED_SCORE = float(np.finfo(np.float32).min)
+from research.common.kv_cache import (InGraphCausalLM, cache_slot_indices, expand_kv_groups,
+                                      left_padded_positions_and_mask, write_cache)
+from research.common.layers import MASKED_SCORE, SkinnyDense, StepDropout, ms_dtype, next_token_loss
 
 
 class RMSNorm(nn.Cell):
@@ -317,8 +314,8 @@ class ChatGLM2ForConditionalGeneration(InGraphCausalLM, nn.Cell):
                                 key_cache, value_cache, cache_index, logits_index)
 
     def generation_inputs(self, input_ids, pad_lengths):
-        """Positions [B,L] and mask [B,1,L,L] of left-padded rows (see chatglm2_positions_and_mask)."""
-        return chatglm2_positions_and_mask(input_ids, pad_lengths)
+        """Positions [B,L] and mask [B,1,L,L] of left-padded rows (see left_padded_positions_and_mask)."""
+        return left_padded_positions_and_mask(input_ids, pad_lengths)
 
 
 class ChatGLM2ForTraining(nn.Cell):
@@ -370,18 +367,6 @@ def select_trainable(model: ChatGLM2ForConditionalGeneration):
         if param.requires_grad:
             trainable.append(param)
     return trainable
-
-
-def chatglm2_positions_and_mask(input_ids, pad_lengths):
-    """As HF ChatGLM2 with its tokenizer's left padding: positions 0 over the padding and
-    0, 1, ... from the first real token; causal attention that never sees a padding column."""
-    batch, length = input_ids.shape
-    position_ids = np.zeros((batch, length), np.int32)
-    mask = np.tile(np.tril(np.ones((length, length), np.float32)), (batch, 1, 1, 1))
-    for row, pad in enumerate(pad_lengths):
-        position_ids[row, pad:] = np.arange(length - pad)
-        mask[row, 0, :, :pad] = 0.0
-    return position_ids, mask
 
 
 def parameter_shapes(config: ChatGLM2Config):

@@ -154,3 +154,16 @@ def _argmax_constants(argmax):
 def _tensors(input_ids, position_ids, attention_mask, inputs_embeds):
     return (Tensor(input_ids, ms.int32), Tensor(position_ids, ms.int32),
             Tensor(attention_mask, ms.float32), None if inputs_embeds is None else Tensor(inputs_embeds))
+
+
+def left_padded_positions_and_mask(input_ids, pad_lengths):
+    """Positions [B,L] and causal mask [B,1,L,L] (1 = attend) of left-padded rows, as the HF models
+    with a 1-D position per token (ChatGLM2, LLaMA) see them: positions 0 over the padding (never
+    read) and 0, 1, ... from the first real token; no query attends to a padding column."""
+    batch, length = input_ids.shape
+    position_ids = np.zeros((batch, length), np.int32)
+    mask = np.tile(np.tril(np.ones((length, length), np.float32)), (batch, 1, 1, 1))
+    for row, pad in enumerate(pad_lengths):
+        position_ids[row, pad:] = np.arange(length - pad)
+        mask[row, 0, :, :pad] = 0.0
+    return position_ids, mask

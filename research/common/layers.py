@@ -5,6 +5,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+# Added to masked attention scores (float32) by the 1-D-position decoders (ChatGLM2, LLaMA): exp
+# underflows to exactly 0, and a row with nothing to attend (a padding query, never read) stays finite.
+MASKED_SCORE = float(np.finfo(np.float32).min)
+
 
 def next_token_loss(logits, labels):
     """The causal LM loss: logits [B,S,V] at t predict labels [B,S] at t+1; -100 is ignored;

@@ -217,10 +217,11 @@ def check_outputs(paths, dtype, note=""):
             raise UserInputError(f"output path is a directory, expected a .ckpt file name: {path}")
 
 
-def _to_numpy(value):
+def to_numpy(value):
     """A torch tensor or numpy array as numpy; bfloat16 (which numpy lacks) becomes float32."""
     if isinstance(value, np.ndarray):
         return value
+    value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
         value = value.float()
     return value.numpy()
@@ -280,7 +281,7 @@ def _convert_shard(shard, keys, outputs, writers, dtype, progress):
         for output, writer in zip(outputs, writers):
             for row in output.rows:
                 if row.source in keys:
-                    value = row.apply(_to_numpy(tensors[row.source]))
+                    value = row.apply(to_numpy(tensors[row.source]))
                     writer.write(row.target, _cast(value, dtype))
                     progress.update()
 

@@ -21,7 +21,8 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from research.chatglm2 import convert_weight
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
-from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration, chatglm2_positions_and_mask
+from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
+from research.common.kv_cache import left_padded_positions_and_mask
 from research.common.checkpoint import load_params_into_net, read_checkpoint
 from research.common.generation import GenerationConfig, generate
 
@@ -141,7 +142,7 @@ def hf_logits(reference, ids, attention_mask=None, position_ids=None):
 
 def our_logits(model, ids, pad_lengths):
     ids = np.asarray(ids, np.int32)
-    position_ids, mask = chatglm2_positions_and_mask(ids, pad_lengths)
+    position_ids, mask = left_padded_positions_and_mask(ids, pad_lengths)
     logits, _, _ = model(Tensor(ids), Tensor(position_ids), Tensor(mask))
     return logits.asnumpy()
 
@@ -184,7 +185,7 @@ def test_left_padded_logits_match_transformers(model, reference):
     width = max(map(len, rows))
     pads = [width - len(r) for r in rows]
     ids = [[0] * p + r for p, r in zip(pads, rows)]
-    position_ids, _ = chatglm2_positions_and_mask(np.asarray(ids), pads)
+    position_ids, _ = left_padded_positions_and_mask(np.asarray(ids), pads)
     attention_mask = [[0] * p + [1] * len(r) for p, r in zip(pads, rows)]
     expected = hf_logits(reference, ids, attention_mask, position_ids.astype(np.int64))
     got = our_logits(model, ids, pads)

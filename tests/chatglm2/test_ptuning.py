@@ -13,7 +13,8 @@ from transformers import DynamicCache
 
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
 from research.chatglm2.convert_chatglm2 import read_upstream_prefix, write_upstream_prefix
-from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration, chatglm2_positions_and_mask
+from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
+from research.common.kv_cache import left_padded_positions_and_mask
 from research.common.checkpoint import load_params_into_net
 from research.common.errors import UserInputError
 from research.common.generation import GenerationConfig, generate
@@ -74,7 +75,7 @@ def model(reference, config):
 def test_prefix_logits_match_transformers_past_key_values(model, reference, config):
     ids = prompts(5, [11])
     expected = hf_prefix_logits(reference, config, prefix_table(config), ids)
-    position_ids, mask = chatglm2_positions_and_mask(np.asarray(ids, np.int32), [0])
+    position_ids, mask = left_padded_positions_and_mask(np.asarray(ids, np.int32), [0])
     got = model(Tensor(np.asarray(ids, np.int32)), Tensor(position_ids), Tensor(mask))[0].asnumpy()
     error = np.abs(got - expected).max()
     print(f"max |dlogit| with a {config.pre_seq_len}-position prefix = {error:.2e}")
@@ -110,7 +111,7 @@ def test_upstream_prefix_checkpoint_imports_and_exports_back(model, reference, c
     load_params_into_net(fresh, {**{p.name: p.asnumpy() for p in model.get_parameters()}, **prefix})
     fresh.set_train(False)
     ids = prompts(7, [9])
-    position_ids, mask = chatglm2_positions_and_mask(np.asarray(ids, np.int32), [0])
+    position_ids, mask = left_padded_positions_and_mask(np.asarray(ids, np.int32), [0])
     got = fresh(Tensor(np.asarray(ids, np.int32)), Tensor(position_ids), Tensor(mask))[0].asnumpy()
     assert np.abs(got - hf_prefix_logits(reference, config, table, ids)).max() <= LOGIT_TOLERANCE
     exported = write_upstream_prefix({p.name: p.asnumpy() for p in fresh.get_parameters()}, str(tmp_path / "out.bin"))

@@ -217,7 +217,7 @@ def test_failure_while_writing_leaves_no_output_files(sat_dir, tmp_path, monkeyp
     out = tmp_path / "out"
     out.mkdir()
     save_checkpoint_atomic({"old": np.ones(2, np.float32)}, str(out / "glm.ckpt"))
-    original, calls = torch_checkpoint._to_numpy, []
+    original, calls = torch_checkpoint.to_numpy, []
 
     def failing(value):
         calls.append(1)
@@ -225,7 +225,7 @@ def test_failure_while_writing_leaves_no_output_files(sat_dir, tmp_path, monkeyp
             raise OSError("read error")
         return original(value)
 
-    monkeypatch.setattr(torch_checkpoint, "_to_numpy", failing)
+    monkeypatch.setattr(torch_checkpoint, "to_numpy", failing)
     with pytest.raises(OSError, match="read error"):
         convert(sat_dir, out)
     assert os.listdir(out) == ["glm.ckpt"]
