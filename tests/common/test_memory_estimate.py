@@ -177,25 +177,32 @@ def test_oversized_configs_end_in_one_line_without_allocating(tmp_path, changes,
     assert usage.ru_maxrss * 1024 < CHILD_MAX_RSS  # Linux reports KiB
 
 
+LAYER_OBJECTS_PROBE = """
+import os
+from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
+from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
+
+def resident():
+    with open("/proc/self/statm", encoding="ascii") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+config = ChatGLM2Config.from_name("tiny")
+config.num_layers = 400
+before = resident()
+model = ChatGLM2ForConditionalGeneration(config)
+print(resident() - before, config.parameter_count() * 4)
+"""
+
+
 def test_layer_objects_are_counted_below_what_building_them_takes():
     """Deep and narrow configs are refused too: 100000 tiny ChatGLM2 layers hold 4.3 GiB of
     parameters but about 9 GiB of cell and parameter objects, which LAYER_OBJECT_BYTES bounds
-    from below (measured here on 400 layers)."""
-    import os
+    from below (measured on 400 layers in a fresh process, whose heap has nothing to reuse)."""
+    done = subprocess.run([sys.executable, "-c", LAYER_OBJECTS_PROBE], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, check=True)
+    grown, parameter_bytes = map(int, done.stdout.split()[-2:])
+    assert grown - parameter_bytes >= 400 * memory.LAYER_OBJECT_BYTES, (grown, parameter_bytes)
     from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
-    from research.chatglm2.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
-    from research.common.memory import LAYER_OBJECT_BYTES
-
-    def resident():
-        with open("/proc/self/statm", encoding="ascii") as stream:
-            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     config = ChatGLM2Config.from_name("tiny")
     config.num_layers = 400
-    before = resident()
-    model = ChatGLM2ForConditionalGeneration(config)
-    grown = resident() - before
-    parameter_bytes = config.parameter_count() * 4
-    assert grown - parameter_bytes >= 400 * LAYER_OBJECT_BYTES, (grown, parameter_bytes)
-    assert config.memory_estimate().layer_objects == 400 * LAYER_OBJECT_BYTES
-    del model
+    assert config.memory_estimate().layer_objects == 400 * memory.LAYER_OBJECT_BYTES
