@@ -151,7 +151,7 @@ class SentencePieceTokenizer(abc.ABC):
         """
         if not isinstance(text, str):
             raise UserInputError(f"{type(self).__name__} expects text as str, got {type(text).__name__}")
-        ids = [i + self.id_offset for i in self.sp_model.encode(self._preprocess(text))]
+        ids = self._text_ids(text)
         limit = self._limit(max_length)
         specials = len(self.build_inputs_with_special_tokens([])) if add_special_tokens else 0
         if len(ids) > limit - specials:
@@ -161,6 +161,10 @@ class SentencePieceTokenizer(abc.ABC):
                                      f"shorten it, raise max_length or pass truncation=True")
             ids = ids[:limit - specials]
         return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
+
+    def _text_ids(self, text):
+        """The sentencepiece ids of `text` (after _preprocess), shifted by id_offset."""
+        return [i + self.id_offset for i in self.sp_model.encode(self._preprocess(text))]
 
     def decode(self, token_ids, skip_special_tokens=True):
         """Text of `token_ids`; the offset's ids never produce text, special ids only when not skipped."""

@@ -78,6 +78,8 @@ class LlamaTokenizer(SentencePieceTokenizer):
         return [(part in self._special_text, part) for part in self._special_split.split(text) if part]
 
     def _text_ids(self, text):
+        """The ids of `text`, with a literal `<s>` / `</s>` as its special id (the Llama-2 template
+        writes "<s>[INST] " into the prompt)."""
         ids = []
         for special, chunk in self._chunks(text):
             ids += [self._special_text[chunk]] if special else self.sp_model.encode(self._preprocess(chunk))
@@ -88,22 +90,6 @@ class LlamaTokenizer(SentencePieceTokenizer):
         for special, chunk in self._chunks(text):
             pieces += [chunk] if special else self.sp_model.encode(self._preprocess(chunk), out_type=str)
         return pieces
-
-    def encode(self, text, add_special_tokens=True, truncation=False, max_length=None):
-        """Ids of `text`; `<s>` first when `add_special_tokens` (and add_bos_token). Longer than
-        `max_length` is an error unless `truncation`, which keeps the start."""
-        if not isinstance(text, str):
-            raise UserInputError(f"LlamaTokenizer expects text as str, got {type(text).__name__}")
-        ids = self._text_ids(text)
-        limit = self._limit(max_length)
-        specials = len(self.build_inputs_with_special_tokens([])) if add_special_tokens else 0
-        if len(ids) > limit - specials:
-            if not truncation:
-                extra = f" plus {specials} special tokens" if specials else ""
-                raise UserInputError(f"text encodes to {len(ids)} tokens{extra}, more than max_length {limit}; "
-                                     f"shorten it, raise max_length or pass truncation=True")
-            ids = ids[:limit - specials]
-        return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
 
     def encode_segments(self, segments):
         """Ids of each prompt segment (the text between image placeholders): the first with bos,
