@@ -16,10 +16,10 @@ from typing import ClassVar, Literal, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from research.common.config import DTYPES, FieldError, ModelConfig, load_config, preset, resolve_config_path
+from research.common.config import (REGISTRY_PREFIX, DTYPES, FieldError, ModelConfig, load_config, preset,
+                                    resolve_config_path)
 from research.common.memory import DTYPE_BYTES, DecoderShape, estimate_memory, parameter_count
 
-REGISTRY_PREFIX = "Research"
 # MindFormers' run_glm2_6b_lora.yaml pet_config, what a ChatGLM2 pet_config leaves out.
 LORA_DEFAULTS = dict(pet_type="lora", lora_rank=8, lora_alpha=32.0, lora_dropout=0.1,
                      target_modules=r"query_key_value")

@@ -20,6 +20,10 @@ from research.common.errors import UserInputError
 # Precision fields of every model config (param_init_type, compute_dtype, ...).
 DTYPES = typing.Literal["float32", "float16", "bfloat16"]
 
+# Prefix of the names this project registers in MindFormers' registry where MindFormers has a
+# class of the same name (ChatGLM2Config, LlamaConfig, ...), which would otherwise be replaced.
+REGISTRY_PREFIX = "Research"
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
 

@@ -75,7 +75,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     eos_token_id: Optional[int] = None
     pad_token_id: int = 0
-    stop_token_ids: Sequence[int] = ()
+    # Id sequences that end a row (kept in its output), each row on its own: MiniGPT-4's "###"
+    # is [835] or [2277, 29937]. eos_token_id ends a row as well.
+    stop_sequences: Sequence[Sequence[int]] = ()
     # Ids >= this are never chosen: the embedding table is padded past the tokenizer's
     # vocabulary (GLM-6B: 130528 rows, ice_text.model fewer pieces).
     valid_vocab_size: Optional[int] = None
@@ -119,6 +121,8 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserInputError(f"{name} must be positive, got {value}")
+        if any(len(sequence) == 0 for sequence in self.stop_sequences):
+            raise UserInputError(f"stop_sequences must be non-empty id lists, got {self.stop_sequences}")
 
 
 def plan_lengths(prompts, config: GenerationConfig, seq_length):
@@ -153,7 +157,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], config: Generati
     `prompt_embeds` [B,P,H] replaces the prompt's token embeddings (VisualGLM's image
     tokens); rows are aligned with the left-padded prompts. `on_tokens` is called after each
     step with the new token of every row (None for rows that have already stopped).
-    Each row stops at eos or a stop id (kept in its output), at a loop when
+    Each row stops at eos or a stop sequence (kept in its output), at a loop when
     `config.repetition_stop` asks, or at the length limit.
     """
     outputs = [[] for _ in prompts]
@@ -241,20 +245,29 @@ def _decode_steps(model: CausalLM, ids, position_ids, mask, prompt_ids, config: 
                                   attention_mask=mask[..., step:step + 1, :], cache_index=step, argmax=argmax)
         return choose(scores, step) if argmax is None else scores
 
-    stop_ids = list(config.stop_token_ids) + ([] if config.eos_token_id is None else [config.eos_token_id])
+    stop_sequences = [tuple(sequence) for sequence in config.stop_sequences]
+    if config.eos_token_id is not None:
+        stop_sequences.append((config.eos_token_id,))
     finished = np.zeros(batch, bool)
     chosen = tokens_after(prompt_end - 1)
     for step in range(prompt_end, limit):
         chosen = np.where(finished, config.pad_token_id, chosen).astype(np.int32)
         ids[:, step] = chosen
         yield [None if done else int(tok) for tok, done in zip(chosen, finished)]
-        finished |= np.isin(chosen, stop_ids)
+        finished |= [ends_with_any(ids[row, prompt_end:step + 1], stop_sequences) for row in range(batch)]
         if config.repetition_stop:
             finished |= [ends_in_loop(ids[row, prompt_end:step + 1], config.repetition_stop)
                          for row in range(batch)]
         if finished.all() or step + 1 == limit:
             break
         chosen = tokens_after(step)
+
+
+def ends_with_any(tokens, sequences):
+    """Whether the id list `tokens` ends with one of the id `sequences`."""
+    tokens = [int(token) for token in tokens]
+    return any(len(tokens) >= len(seq) and tuple(tokens[len(tokens) - len(seq):]) == tuple(seq)
+               for seq in sequences)
 
 
 def ends_in_loop(tokens, max_block, repeats=LOOP_REPEATS):

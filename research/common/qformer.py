@@ -305,3 +305,22 @@ def rows_from_sat_qformer(config: QFormerConfig, prefix=""):
 
 
 __all__ += ["rows_from_sat_qformer"]
+
+
+def lavis_to_hf_qformer_names(state_dict, lavis_prefix="Qformer.bert.", hf_prefix="qformer."):
+    """A copy of a LAVIS Q-Former state dict with transformers' Blip2QFormerModel names
+    (notes/minigpt4.md §2.4: `embeddings.LayerNorm` -> `layernorm`, `attention.self` ->
+    `attention.attention`, `crossattention.self` -> `crossattention.attention`), so that
+    `fuse_hf_blip2_qformer` and `rows_from_hf_blip2_qformer` apply. Keys outside `lavis_prefix`
+    are kept as they are."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(lavis_prefix):
+            rest = key[len(lavis_prefix):]
+            rest = rest.replace("embeddings.LayerNorm.", "layernorm.", 1) if rest.startswith("embeddings.") else rest
+            key = hf_prefix + rest.replace("attention.self.", "attention.attention.")
+        out[key] = value
+    return out
+
+
+__all__ += ["lavis_to_hf_qformer_names"]

@@ -36,6 +36,28 @@ def cli_main(main):
     return wrapper
 
 
+class StreamPrinter:
+    """Prints a single row's answer as it grows, for generate()'s `on_tokens` (the terminal chats).
+
+    It decodes the whole answer each step, since a sentencepiece piece may only become printable
+    together with the next one. `visible(text)` is the part of the decoded text to show (e.g. the
+    text before a stop string); only what extends what is shown already is written."""
+
+    def __init__(self, tokenizer, out, visible=lambda text: text):
+        self.tokenizer, self.out, self.visible = tokenizer, out, visible
+        self.ids, self.shown = [], ""
+
+    def __call__(self, new_tokens):
+        if new_tokens[0] is None:
+            return
+        self.ids.append(new_tokens[0])
+        text = self.visible(self.tokenizer.decode(self.ids))
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
 def str2bool(value):
     """argparse type for 'True'/'False' flags as MindFormers' scripts take them."""
     if isinstance(value, bool):

@@ -6,9 +6,10 @@ control and user-defined pieces, the same whitespace conventions, and byte fallb
 text round-trips. `train_sentencepiece_model` builds any such layout; training is in-process,
 single-threaded and unshuffled, so the same inputs give byte-identical files.
 `train_tiny_ice_text_model` is the ice_text-style one (examples/tiny/ice_text.model),
-`train_tiny_chatglm2_model` ChatGLM2's tokenizer.model-style one (examples/tiny/chatglm2_tokenizer.model).
+`train_tiny_chatglm2_model` ChatGLM2's tokenizer.model-style one (examples/tiny/chatglm2_tokenizer.model),
+`train_tiny_llama_model` LLaMA's (examples/tiny/llama_tokenizer.model, for MiniGPT-4).
 
-Usage: python -m research.common.testing [--chatglm2] OUT.model
+Usage: python -m research.common.testing [--chatglm2 | --llama] OUT.model
 """
 import io
 import itertools
@@ -68,8 +69,9 @@ def default_sentences():
 
 
 def train_sentencepiece_model(output_path, sentences, vocab_size, user_defined_pieces=(),
-                              unk_id=0, bos_id=1, eos_id=2, pad_id=-1):
-    """Train a unigram model on `sentences` and write it atomically to `output_path`.
+                              unk_id=0, bos_id=1, eos_id=2, pad_id=-1, model_type="unigram"):
+    """Train a `model_type` (unigram, or bpe as LLaMA's) model on `sentences` and write it
+    atomically to `output_path`.
 
     The control pieces <unk> <s> </s> <pad> take the given ids (-1: absent), then come
     `user_defined_pieces` in order (ice_text's [gMASK] <sop> ..., or none for a LLaMA-style
@@ -81,7 +83,7 @@ def train_sentencepiece_model(output_path, sentences, vocab_size, user_defined_p
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(list(sentences)),
         model_writer=model,  # keeps temp paths out of the serialized trainer spec
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
         character_coverage=1.0,
@@ -128,14 +130,61 @@ def train_tiny_chatglm2_model(output_path, sentences=None, vocab_size=DEFAULT_VO
     return train_sentencepiece_model(output_path, sentences, vocab_size)
 
 
+# MiniGPT-4's chat layouts (upstream conversation.py): Vicuna v0 "###" turns and Llama-2 [INST] turns.
+MINIGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
+                   "once I provide it to you. Please answer my questions.")
+
+
+def train_tiny_llama_model(output_path, sentences=None, vocab_size=1000):
+    """A tiny LLaMA tokenizer.model-style model (BPE): <unk> 0, <s> 1, </s> 2, byte fallback, trained on
+    `sentences` (default: default_sentences()' English lines in MiniGPT-4's chat layouts), at most
+    `vocab_size` pieces (the tiny MiniGPT-4 has 1024 rows). "###" is a piece of its own (LLaMA
+    spells it "▁###" or "##" "#"), so a tiny model cannot glue it to other text and miss its stop.
+    Returns the absolute path."""
+    if sentences is None:
+        english = [line for line in default_sentences() if line.isascii()]
+        sentences = list(_COVERAGE_LINES)
+        for line in english:
+            question, _, answer = line.partition("\nA: ")
+            question = question.removeprefix("Q: ") if answer else "Describe this image in detail."
+            answer = answer or line
+            sentences.append(f"{MINIGPT4_SYSTEM}###Human: <Img><ImageHere></Img> {question}###Assistant: {answer}###")
+            sentences.append(f"<s>[INST] <Img><ImageHere></Img> {question} [/INST] {answer}</s>")
+    return train_sentencepiece_model(output_path, sentences, vocab_size, user_defined_pieces=["###"],
+                                     model_type="bpe")
+
+
+EXAMPLE_IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "examples", "visualglm", "shapes.png")
+
+
+def images_in_every_mode(directory):
+    """Grayscale, RGBA, CMYK and 16-bit files of examples/visualglm/shapes.png (the image modes
+    a user's files come in); returns their paths."""
+    import numpy as np
+    from PIL import Image
+
+    base = Image.open(EXAMPLE_IMAGE).convert("RGB").resize((80, 60))
+    paths = []
+    for name, image in (("gray.png", base.convert("L")), ("rgba.png", base.convert("RGBA")),
+                        ("cmyk.jpg", base.convert("CMYK"))):
+        paths.append(os.path.join(directory, name))
+        image.save(paths[-1])
+    sixteen = np.asarray(base.convert("L"), np.uint16) * 257
+    paths.append(os.path.join(directory, "gray16.png"))
+    Image.fromarray(sixteen).save(paths[-1])
+    return paths
+
+
 def main(argv=None):
     """Command line entry: build a tiny model at the given path (ice_text-style by default)."""
     argv = sys.argv[1:] if argv is None else argv
     build = train_tiny_ice_text_model
-    if argv[:1] == ["--chatglm2"]:
-        build, argv = train_tiny_chatglm2_model, argv[1:]
+    builders = {"--chatglm2": train_tiny_chatglm2_model, "--llama": train_tiny_llama_model}
+    if argv[:1] and argv[0] in builders:
+        build, argv = builders[argv[0]], argv[1:]
     if len(argv) != 1:
-        print("usage: python -m research.common.testing [--chatglm2] OUT.model", file=sys.stderr)
+        print("usage: python -m research.common.testing [--chatglm2 | --llama] OUT.model", file=sys.stderr)
         return 2
     print(build(argv[0]))
     return 0

@@ -236,11 +236,14 @@ def _cast(value, dtype):
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """One checkpoint a conversion writes: its name in the report, its path and its rows."""
+    """One checkpoint a conversion writes: its name in the report, its path and its rows; with
+    `shard_paths`, its rows are taken from those input files only (a conversion of several
+    upstream files whose key names could meet)."""
 
     label: str
     path: str
     rows: Sequence[Row]
+    shard_paths: Optional[frozenset] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,21 +257,38 @@ class WrittenCheckpoint:
     dtypes: tuple
 
 
-def stream_convert(shards, keys_by_shard, outputs: Sequence[Output], dtype="keep"):
-    """Second pass: convert every row of `outputs` shard by shard; returns WrittenCheckpoints.
+@dataclasses.dataclass(frozen=True)
+class ConvertedOutput:
+    """A checkpoint whose tensors are converted in memory already ({name: array}): for sources
+    that need several tensors per parameter (LAVIS' q/v biases, its separate q/k/v)."""
+
+    label: str
+    path: str
+    arrays: dict
+
+
+def stream_convert(shards, keys_by_shard, outputs: Sequence[Output], dtype="keep",
+                   converted: Sequence[ConvertedOutput] = ()):
+    """Second pass: write the `converted` outputs, then convert every row of `outputs` shard by
+    shard; returns WrittenCheckpoints (the converted ones first).
 
     Call it after the tables were checked against `read_shapes`. `dtype` is one of
     OUTPUT_DTYPES. The outputs appear only when every one of them is complete.
     """
     with contextlib.ExitStack() as stack:
+        ready = [stack.enter_context(CheckpointWriter(output.path)) for output in converted]
         writers = [stack.enter_context(CheckpointWriter(output.path)) for output in outputs]
-        progress = stack.enter_context(
-            Progress(sum(len(output.rows) for output in outputs), "converting", unit="tensors"))
+        total = sum(len(output.arrays) for output in converted) + sum(len(output.rows) for output in outputs)
+        progress = stack.enter_context(Progress(total, "converting", unit="tensors"))
+        for output, writer in zip(converted, ready):
+            for name, value in output.arrays.items():
+                writer.write(name, _cast(np.asarray(value), dtype))
+                progress.update()
         for shard in shards:
             _convert_shard(shard, keys_by_shard[shard.path], outputs, writers, dtype, progress)
     return tuple(WrittenCheckpoint(output.label, output.path, writer.num_tensors,
                                    writer.num_elements, tuple(sorted(writer.dtypes)))
-                 for output, writer in zip(outputs, writers))
+                 for output, writer in zip(list(converted) + list(outputs), ready + writers))
 
 
 def _convert_shard(shard, keys, outputs, writers, dtype, progress):
@@ -279,6 +299,8 @@ def _convert_shard(shard, keys, outputs, writers, dtype, progress):
     """
     with shard.tensors() as tensors:
         for output, writer in zip(outputs, writers):
+            if output.shard_paths is not None and shard.path not in output.shard_paths:
+                continue
             for row in output.rows:
                 if row.source in keys:
                     value = row.apply(to_numpy(tensors[row.source]))

@@ -307,3 +307,52 @@ def rows_from_sat_eva_vit(config: ViTConfig, prefix=""):
 
 
 __all__ += ["rows_from_sat_eva_vit"]
+
+
+# LAVIS keeps EVA's q and v biases apart (qkv has no bias); `fuse_lavis_eva_vit` adds this fused
+# [q | 0 | v] entry per block so that one row maps it onto our fused bias.
+LAVIS_FUSED_QKV_BIAS = "attn.qkv_bias"
+
+
+def fuse_lavis_eva_vit(state_dict, config: ViTConfig, prefix=""):
+    """A copy of a LAVIS EVA-ViT state dict ({key: array}) with each block's `attn.q_bias` and
+    `attn.v_bias` replaced by the fused LAVIS_FUSED_QKV_BIAS entry (missing pairs are left as
+    they are, for the table to report)."""
+    out = dict(state_dict)
+    for i in range(config.num_hidden_layers):
+        q_key, v_key = f"{prefix}blocks.{i}.attn.q_bias", f"{prefix}blocks.{i}.attn.v_bias"
+        if q_key in out and v_key in out:
+            out[f"{prefix}blocks.{i}.{LAVIS_FUSED_QKV_BIAS}"] = eva_qkv_bias(out.pop(q_key), out.pop(v_key))
+    return out
+
+
+def rows_from_lavis_eva_vit(config: ViTConfig, prefix=""):
+    """Rows mapping a `fuse_lavis_eva_vit`-ed LAVIS EVA-ViT (eva_vit_g.pth; MiniGPT-4's
+    `visual_encoder.`) onto `EvaViT` parameters, ln_vision excepted (LAVIS builds it apart and
+    BLIP-2's checkpoint holds it)."""
+    h, m, c, p = config.hidden_size, config.intermediate_size, config.num_channels, config.patch_size
+    flat = lambda value: value.reshape(value.shape[-2], value.shape[-1])  # noqa: E731
+    rows = [Row(f"{prefix}patch_embed.proj.weight", "patch_embedding.proj.weight", (h, c, p, p)),
+            Row(f"{prefix}patch_embed.proj.bias", "patch_embedding.proj.bias", (h,)),
+            Row(f"{prefix}cls_token", "cls_token", (1, 1, h), flat),
+            Row(f"{prefix}pos_embed", "position_embeddings", (1, config.num_positions, h), flat)]
+    for i in range(config.num_hidden_layers):
+        src, dst = f"{prefix}blocks.{i}.", f"layers.{i}."
+        for lavis_name, ours, shape in (
+                ("norm1.weight", "input_layernorm.gamma", (h,)),
+                ("norm1.bias", "input_layernorm.beta", (h,)),
+                ("attn.qkv.weight", "attention.query_key_value.weight", (3 * h, h)),
+                (LAVIS_FUSED_QKV_BIAS, "attention.query_key_value.bias", (3 * h,)),
+                ("attn.proj.weight", "attention.dense.weight", (h, h)),
+                ("attn.proj.bias", "attention.dense.bias", (h,)),
+                ("norm2.weight", "post_attention_layernorm.gamma", (h,)),
+                ("norm2.bias", "post_attention_layernorm.beta", (h,)),
+                ("mlp.fc1.weight", "mlp.dense_h_to_4h.weight", (m, h)),
+                ("mlp.fc1.bias", "mlp.dense_h_to_4h.bias", (m,)),
+                ("mlp.fc2.weight", "mlp.dense_4h_to_h.weight", (h, m)),
+                ("mlp.fc2.bias", "mlp.dense_4h_to_h.bias", (h,))):
+            rows.append(Row(src + lavis_name, dst + ours, shape))
+    return rows
+
+
+__all__ += ["fuse_lavis_eva_vit", "rows_from_lavis_eva_vit"]

@@ -1,4 +1,7 @@
-"""LlamaConfig: the shapes, precision and decoding defaults of MiniGPT-4's Vicuna (LLaMA) decoder.
+"""MiniGPT-4's configs: `LlamaConfig` (its Vicuna / LLaMA decoder) and `MiniGPT4Config` (EVA-ViT-g,
+the Q-Former, `llama_proj` and that decoder, each part with its own converted checkpoint).
+
+LlamaConfig: the shapes, precision and decoding defaults of MiniGPT-4's Vicuna (LLaMA) decoder.
 
 Field names are MindFormers' llama YAML `model_config` names (`num_layers`, `num_heads`,
 `n_kv_heads`, `theta`, `multiple_of`, ...; notes/minigpt4.md §6 quotes r1.0's
@@ -12,17 +15,33 @@ base 10000 over the whole head, vocab 32001 (v0's config says 32001, its tokeniz
 pieces; the converter checks the checkpoint's row count against `vocab_size`). Decoding
 defaults are upstream MiniGPT-4's `Chat.answer` (do_sample, top_p 0.9, temperature 1.0,
 repetition_penalty 1.0, max_length 2000). `PRESETS` / `LlamaConfig.from_name`: "7b", "13b"
-(the primary upstream model) and "tiny".
+(the primary upstream model), "llama2-7b" and "tiny".
 
-Nothing is registered in MindFormers' registry yet.
+MiniGPT4Config (notes/minigpt4.md §2.1): image [B,3,224,224] -> EVA-ViT-g (39 blocks, no final
+norm) -> ln_vision (eps 1e-5) -> Q-Former (32 queries) -> llama_proj Linear(768, H) -> 32
+embeddings at `<ImageHere>`. The Llama-2-chat variant (`has_qformer: False`) drops the CLS token
+and merges 4 neighbouring patches: [B,256,1408] -> [B,64,5632] -> llama_proj Linear(5632, 4096).
+The four checkpoints: `vision_config.checkpoint_name_or_path` (eva_vit_g.pth converted),
+`qformer_config.checkpoint_name_or_path` (ln_vision, query tokens and Q-Former of
+blip2_pretrained_flant5xxl.pth), `text_config.checkpoint_name_or_path` (Vicuna) and the top-level
+`checkpoint_name_or_path` (llama_proj: upstream's `ckpt`, pretrained_minigpt4.pth).
+`MINIGPT4_PRESETS` / `MiniGPT4Config.from_name`: "minigpt4-7b", "minigpt4-13b",
+"minigpt4-llama2-7b", "minigpt4-tiny", "minigpt4-llama2-tiny".
 """
 import dataclasses
 from typing import ClassVar, Literal, Optional
 
-from research.common.config import DTYPES, FieldError, ModelConfig, preset
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from research.common import qformer, vision
+from research.common.config import (REGISTRY_PREFIX, DTYPES, FieldError, ModelConfig, load_config, preset,
+                                    resolve_config_path)
 from research.common.memory import DTYPE_BYTES, DecoderShape, estimate_memory, parameter_count
+from research.common.qformer import QFormerConfig
+from research.common.vision import ViTConfig
 
 
+@MindFormerRegister.register(MindFormerModuleType.CONFIG, alias=REGISTRY_PREFIX + "LlamaConfig")
 @dataclasses.dataclass
 class LlamaConfig(ModelConfig):
     """LLaMA / Vicuna decoder with MindFormers' llama YAML field names."""
@@ -162,5 +181,148 @@ def llama_tiny():
                        param_init_type="float32", compute_dtype="float32", use_past=True, do_sample=False)
 
 
+def llama2_7b_chat():
+    """Llama-2-7b-chat (MiniGPT-4's Llama-2 variant): Vicuna 7B's shapes with 32000 tokens,
+    4096 positions and RMSNorm eps 1e-5 (its Hugging Face config.json)."""
+    return LlamaConfig(vocab_size=32000, rms_norm_eps=1e-5, seq_length=4096)
+
+
 # Named presets: name -> factory of a fresh config (the fields' defaults are Vicuna v0 7B).
-PRESETS = {"7b": LlamaConfig, "13b": vicuna_13b, "tiny": llama_tiny}
+PRESETS = {"7b": LlamaConfig, "13b": vicuna_13b, "llama2-7b": llama2_7b_chat, "tiny": llama_tiny}
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+@dataclasses.dataclass
+class MiniGPT4Config(ModelConfig):
+    """The three sub-configs, the variant switch and llama_proj's checkpoint and precision;
+    defaults are MiniGPT-4 with Vicuna v0 7B."""
+
+    vision_config: ViTConfig = dataclasses.field(default_factory=ViTConfig)
+    qformer_config: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    text_config: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    # False: the Llama-2 variant (no Q-Former; 4 patches merged per image token).
+    has_qformer: bool = True
+    # llama_proj (upstream's `ckpt`: pretrained_minigpt4.pth converted).
+    checkpoint_name_or_path: str = ""
+    # Precision of llama_proj (MindFormers' names).
+    dtype: DTYPES = "float32"
+    compute_dtype: DTYPES = "float32"
+
+    UNSUPPORTED_FIELDS = {
+        "low_resource": "8-bit LLaMA loading (bitsandbytes) is not supported; use float16 weights "
+                        "(text_config.param_init_type) and remove the field",
+        "max_txt_len": "a training setting (#16); generation is bounded by text_config.seq_length; "
+                       "remove the field",
+        "num_query_token": "the image tokens are qformer_config.query_length; remove the field",
+    }
+
+    # Patches merged into one image token by the Llama-2 variant.
+    MERGED_PATCHES: ClassVar[int] = 4
+
+    @property
+    def image_tokens(self):
+        """Image embeddings per image: the Q-Former's queries, or the merged patches."""
+        if self.has_qformer:
+            return self.qformer_config.query_length
+        return self.vision_config.num_patches // self.MERGED_PATCHES
+
+    @property
+    def projection_width(self):
+        """llama_proj's input width: the Q-Former's hidden size, or 4 patches side by side."""
+        if self.has_qformer:
+            return self.qformer_config.hidden_size
+        return self.MERGED_PATCHES * self.vision_config.hidden_size
+
+    @classmethod
+    def from_name(cls, name):
+        """A fresh config of a named preset: one of MINIGPT4_PRESETS."""
+        return preset(MINIGPT4_PRESETS, name)
+
+    def parameter_count(self):
+        """Parameters of MiniGPT4(self), from the shapes alone."""
+        count = vision.count_parameters(self.vision_config)
+        if self.has_qformer:
+            count += qformer.count_parameters(self.qformer_config)
+        count += (self.projection_width + 1) * self.text_config.hidden_size
+        return count + self.text_config.parameter_count()
+
+    def memory_estimate(self, batch_size=1):
+        """research.common.memory's lower bound of answering `batch_size` pairs at once."""
+        vit, query, text = self.vision_config, self.qformer_config, self.text_config
+        image_bytes = vision.count_parameters(vit) * DTYPE_BYTES[vit.param_init_type]
+        if self.has_qformer:
+            image_bytes += qformer.count_parameters(query) * DTYPE_BYTES[query.param_init_type]
+        image_bytes += (self.projection_width + 1) * text.hidden_size * DTYPE_BYTES[self.dtype]
+        text_bytes = text.parameter_count() * DTYPE_BYTES[text.param_init_type]
+        return estimate_memory(text.decoder_shape(), parameter_bytes=image_bytes + text_bytes,
+                               batch_size=batch_size)
+
+    def validate(self):
+        if self.has_qformer and self.qformer_config.encoder_width != self.vision_config.hidden_size:
+            raise FieldError("qformer_config.encoder_width",
+                             f"{self.qformer_config.encoder_width} must equal vision_config.hidden_size "
+                             f"({self.vision_config.hidden_size})")
+        if not self.has_qformer and self.qformer_config != QFormerConfig():
+            raise FieldError("qformer_config", "the Llama-2 variant (has_qformer: False) has no Q-Former, so "
+                                               "nothing reads this section; remove it")
+        if not self.has_qformer and self.vision_config.num_patches % self.MERGED_PATCHES:
+            raise FieldError("vision_config.image_size",
+                             f"the Llama-2 variant merges {self.MERGED_PATCHES} patches per image token; "
+                             f"{self.vision_config.num_patches} patches do not divide")
+        if self.image_tokens >= self.text_config.seq_length:
+            raise FieldError("text_config.seq_length", f"{self.text_config.seq_length} must be longer than the "
+                                                       f"{self.image_tokens} image tokens")
+
+
+def minigpt4_13b():
+    """MiniGPT-4 with Vicuna v0 13B, the primary upstream model (llama_proj 768 -> 5120)."""
+    return MiniGPT4Config(text_config=vicuna_13b())
+
+
+def minigpt4_llama2_7b():
+    """MiniGPT-4's Llama-2-chat 7B variant: no Q-Former, 64 image tokens, llama_proj 5632 -> 4096."""
+    return MiniGPT4Config(text_config=llama2_7b_chat(), has_qformer=False)
+
+
+def _tiny_vision():
+    return ViTConfig(image_size=56, patch_size=14, hidden_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=96)
+
+
+def _tiny_text():
+    """The tiny LLaMA with room for a chat (192 positions) and the shipped tiny tokenizer
+    (examples/tiny/llama_tokenizer.model, under 1024 pieces)."""
+    text = llama_tiny()
+    text.vocab_size = 1024
+    text.seq_length = text.max_decode_length = 192
+    return text
+
+
+def minigpt4_tiny():
+    """MiniGPT-4's architecture (32 Q-Former queries) scaled down to run in seconds on a CPU,
+    on 56x56 images."""
+    return MiniGPT4Config(
+        vision_config=_tiny_vision(),
+        qformer_config=QFormerConfig(num_hidden_layers=2, num_heads=4, hidden_size=32,
+                                     intermediate_size=64, encoder_width=48),
+        text_config=_tiny_text())
+
+
+def minigpt4_llama2_tiny():
+    """The Llama-2 variant scaled down: 16 patches of 56x56 images merged into 4 image tokens."""
+    return MiniGPT4Config(vision_config=_tiny_vision(), text_config=_tiny_text(), has_qformer=False)
+
+
+# Named presets: name -> factory of a fresh config.
+MINIGPT4_PRESETS = {"minigpt4-7b": MiniGPT4Config, "minigpt4-13b": minigpt4_13b,
+                    "minigpt4-llama2-7b": minigpt4_llama2_7b, "minigpt4-tiny": minigpt4_tiny,
+                    "minigpt4-llama2-tiny": minigpt4_llama2_tiny}
+
+
+def load_minigpt4_config(config):
+    """(YAML config, MiniGPT4Config) from a YAML path or a name in configs/minigpt4/."""
+    yaml_config = load_config(resolve_config_path(config, "minigpt4"))
+    model_node = yaml_config.get("model") or {}
+    model_config = MiniGPT4Config.from_dict(model_node.get("model_config"), "model.model_config",
+                                            yaml_config.source)
+    return yaml_config, model_config

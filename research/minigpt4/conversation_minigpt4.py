@@ -17,11 +17,10 @@ The prompt is split at "<ImageHere>" (`split_segments`); the tokenizer encodes t
 with bos and the rest without (`LlamaTokenizer.encode_segments`); the image embeddings go between
 the segments. Vicuna v0 ends its turns with "###", not eos; "###" is [835] ("▁###") or
 [2277, 29937] ("##" "#") in LLaMA's vocabulary. Upstream stops when row 0 ends with one of them
-(v1) or all rows do (later); `StopTracker` stops each row on its own. Answers: the text before the
+(v1) or all rows do (later); here each row stops on its own (research.common.generation's
+`stop_sequences`). Answers: the text before the
 first "###", after the last "Assistant:", stripped (upstream `Chat.answer`).
 """
-import numpy as np
-
 from research.common.errors import UserInputError
 from research.common.prompts import PromptStyle
 
@@ -167,79 +166,14 @@ def prompt_length(tokenizer, prompt, num_images=1, image_tokens=IMAGE_TOKENS):
 # ---- stopping --------------------------------------------------------------------------------
 
 
-def _as_sequences(stop_sequences):
-    sequences = tuple(tuple(int(i) for i in seq) for seq in stop_sequences)
-    if not sequences or any(not seq for seq in sequences):
-        raise UserInputError("stop sequences must be a non-empty list of non-empty id lists")
-    return sequences
-
-
-def ends_with_stop(ids, stop_sequences=STOP_SEQUENCES):
-    """Whether the id list `ids` ends with one of `stop_sequences`."""
-    ids = [int(i) for i in ids]
-    return any(len(ids) >= len(seq) and tuple(ids[-len(seq):]) == seq for seq in _as_sequences(stop_sequences))
-
-
-def stopped_rows(token_ids, stop_sequences=STOP_SEQUENCES):
-    """Per row of a [batch, length] id array: does the row end with a stop sequence."""
-    rows = np.asarray(token_ids)
-    if rows.ndim != 2:
-        raise UserInputError(f"token ids must be [batch, length], got shape {rows.shape}")
-    return np.array([ends_with_stop(row, stop_sequences) for row in rows], dtype=bool)
-
-
 def cut_at_stop(ids, stop_sequences=STOP_SEQUENCES, eos_token_id=None):
-    """`ids` before the first stop sequence (or eos), the answer part of a generated row."""
+    """`ids` before the first stop sequence (or eos): the answer part of a generated row."""
     ids = [int(i) for i in ids]
-    sequences = _as_sequences(stop_sequences)
+    sequences = [tuple(seq) for seq in stop_sequences] + ([] if eos_token_id is None else [(eos_token_id,)])
     for end in range(len(ids)):
-        if eos_token_id is not None and ids[end] == eos_token_id:
+        if any(tuple(ids[end:end + len(seq)]) == seq for seq in sequences):
             return ids[:end]
-        for seq in sequences:
-            if tuple(ids[end:end + len(seq)]) == seq:
-                return ids[:end]
     return ids
-
-
-class StopTracker:
-    """Per-row stopping for a batch decode: feed each step's new tokens; a row is done once its
-    generated ids end with a stop sequence (or it produced eos) and stays done.
-
-    `update` returns the done mask after the step; `finished_at[i]` is the step (1-based) at which
-    row i stopped, or None. Tokens fed for rows already done are ignored (they are padding)."""
-
-    def __init__(self, batch_size, stop_sequences=STOP_SEQUENCES, eos_token_id=None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.stop_sequences = _as_sequences(stop_sequences)
-        self.eos_token_id = eos_token_id
-        self.generated = [[] for _ in range(batch_size)]
-        self.done = np.zeros(batch_size, dtype=bool)
-        self.finished_at = [None] * batch_size
-        self.steps = 0
-
-    def update(self, new_tokens):
-        tokens = np.asarray(new_tokens).reshape(-1)
-        if tokens.shape[0] != len(self.generated):
-            raise UserInputError(f"expected {len(self.generated)} new tokens, got {tokens.shape[0]}")
-        self.steps += 1
-        for row, token in enumerate(tokens):
-            if self.done[row]:
-                continue
-            self.generated[row].append(int(token))
-            if (self.eos_token_id is not None and int(token) == self.eos_token_id) or \
-                    ends_with_stop(self.generated[row], self.stop_sequences):
-                self.done[row] = True
-                self.finished_at[row] = self.steps
-        return self.done.copy()
-
-    @property
-    def all_done(self):
-        return bool(self.done.all())
-
-    def answers_ids(self):
-        """Each row's generated ids before its stop sequence / eos."""
-        return [cut_at_stop(ids, self.stop_sequences, self.eos_token_id) for ids in self.generated]
 
 
 def decode_answer(tokenizer, ids, style=None, stop_sequences=STOP_SEQUENCES):

@@ -1,6 +1,8 @@
-"""MiniGPT-4's language model: the LLaMA / Vicuna decoder in plain MindSpore.
+"""MiniGPT-4 in plain MindSpore: the LLaMA / Vicuna decoder, then the image side and the model
+joining them (`MiniGPT4`).
 
-Read top to bottom: RMSNorm, rotary tables, attention, feed-forward, layer, model, LM.
+Read top to bottom: RMSNorm, rotary tables, attention, feed-forward, layer, model, LM, image
+encoder, MiniGPT4.
 What makes LLaMA different from a GPT (DESIGN.md §6, transformers' modeling_llama.py):
 - pre-norm layers with RMSNorm (eps 1e-6) normalising in float32 (`x * rsqrt(mean(x^2) + eps)`,
   cast back, then `weight *`, as transformers orders it), and a final RMSNorm;
@@ -19,17 +21,35 @@ Parameter names are MindFormers' llama names (`model.tok_embeddings.embedding_we
 `model.layers.N.attention.wq`, `feed_forward.w1` = gate, `w2` = down, `w3` = up,
 `attention_norm`, `ffn_norm`, `model.norm_out`, `lm_head`), so a MindFormers llama checkpoint
 and convert_minigpt4.py's output load as they are. Every shape is static: GRAPH mode compiles
-each prompt bucket and the decode step once. Not registered in MindFormers' registry yet.
+each prompt bucket and the decode step once.
+
+The image side (upstream `encode_img`, notes/minigpt4.md §2.1): EVA-ViT-g with ln_vision
+(research.common.vision), the Q-Former (research.common.qformer) and `llama_proj`; the Llama-2
+variant drops the CLS token and puts 4 neighbouring patch vectors side by side instead of the
+Q-Former. The image embeddings replace the placeholders at `<ImageHere>` in the LLaMA's input
+embeddings (research.common.image_splice).
+
+Registered in MindFormers' registry as `ResearchLlamaForCausalLM` (MindFormers has its own
+LlamaForCausalLM) and `MiniGPT4`.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from research.common.config import REGISTRY_PREFIX
+from research.common.errors import UserInputError
+from research.common.generation import GenerationConfig, generate
+from research.common.image_splice import splice_image_embeddings, splice_prompt_embeddings
 from research.common.kv_cache import (InGraphCausalLM, cache_slot_indices, expand_kv_groups,
                                       left_padded_positions_and_mask, write_cache)
 from research.common.layers import MASKED_SCORE, SkinnyDense, ms_dtype
-from research.minigpt4.configuration_minigpt4 import LlamaConfig
+from research.common.qformer import QFormer
+from research.common.runtime import load_weights
+from research.common.vision import EvaViT
+from research.minigpt4.configuration_minigpt4 import LlamaConfig, MiniGPT4Config
 
 
 class LlamaRMSNorm(nn.Cell):
@@ -192,6 +212,7 @@ class LlamaModel(nn.Cell):
         return self.norm_out(hidden), keys, values
 
 
+@MindFormerRegister.register(MindFormerModuleType.MODELS, alias=REGISTRY_PREFIX + "LlamaForCausalLM")
 class LlamaForCausalLM(InGraphCausalLM, nn.Cell):
     """LLaMA for generation (driven by research.common.generation through InGraphCausalLM).
 
@@ -261,3 +282,105 @@ def parameter_shapes(config: LlamaConfig):
     shapes["model.norm_out.weight"] = (hidden,)
     shapes["lm_head.weight"] = (config.vocab_size, hidden)
     return shapes
+
+
+class MiniGPT4ImageEncoder(nn.Cell):
+    """pixel_values [B,3,S,S] float32 -> image embeddings [B, image_tokens, LLaMA hidden]."""
+
+    def __init__(self, config: MiniGPT4Config):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = EvaViT(config.vision_config)  # ln_vision included
+        self.has_qformer = config.has_qformer
+        if config.has_qformer:
+            self.qformer = QFormer(config.qformer_config)
+        self.llama_proj = nn.Dense(config.projection_width, config.text_config.hidden_size,
+                                   dtype=ms_dtype(config.dtype))
+        if config.compute_dtype != "float32":
+            self.llama_proj.to_float(ms_dtype(config.compute_dtype))
+
+    def construct(self, pixel_values):
+        image = self.visual_encoder(pixel_values)  # [B, 1 + patches, vision hidden]
+        if self.has_qformer:
+            features = self.qformer(image)
+        else:  # Llama-2 variant: drop CLS, 4 neighbouring patches side by side
+            patches = image[:, 1:, :]
+            batch, count, width = patches.shape
+            merged = MiniGPT4Config.MERGED_PATCHES
+            features = patches.reshape(batch, count // merged, width * merged)
+        return self.llama_proj(features.astype(self.llama_proj.weight.dtype))
+
+
+def checkpoint_paths(config: MiniGPT4Config):
+    """(what, path) of the four converted checkpoints a config names, in loading order."""
+    return [("ViT checkpoint (vision_config.checkpoint_name_or_path)", config.vision_config.checkpoint_name_or_path),
+            ("Q-Former checkpoint (qformer_config.checkpoint_name_or_path)",
+             config.qformer_config.checkpoint_name_or_path if config.has_qformer else ""),
+            ("LLaMA checkpoint (text_config.checkpoint_name_or_path)", config.text_config.checkpoint_name_or_path),
+            ("llama_proj checkpoint (model_config.checkpoint_name_or_path)", config.checkpoint_name_or_path)]
+
+
+# What each converted checkpoint holds, as names under MiniGPT4ImageEncoder (None: the LLaMA):
+# the ViT without ln_vision (eva_vit_g.pth), ln_vision with the Q-Former (BLIP-2's file), llama_proj.
+_VIT_BLOCKS = ("visual_encoder.patch_embedding.", "visual_encoder.cls_token",
+               "visual_encoder.position_embeddings", "visual_encoder.layers.")
+_CHECKPOINT_PARTS = [
+    ("visual_encoder.ln_vision.", "qformer.", "llama_proj."),  # ViT: may lack these
+    _VIT_BLOCKS + ("llama_proj.",),  # Q-Former file
+    None,
+    ("visual_encoder.", "qformer."),  # llama_proj file
+]
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class MiniGPT4(nn.Cell):
+    """MiniGPT-4 for image chat (upstream `minigpt4/models/mini_gpt4.py`).
+
+    Parameters live under `image_encoder.` (`visual_encoder.*`, `qformer.*`, `llama_proj.*`) and
+    `llama_model.` (LlamaForCausalLM's names), so each converted checkpoint loads into its part.
+    """
+
+    def __init__(self, config: MiniGPT4Config):
+        super().__init__()
+        self.config = config
+        self.image_encoder = MiniGPT4ImageEncoder(config)
+        self.llama_model = LlamaForCausalLM(config.text_config)
+
+    def construct(self, input_ids, position_ids, attention_mask, pixel_values, image_mask):
+        """Logits [B,S,V] for input_ids [B,S] whose `image_mask` positions hold the image."""
+        image_embeds = self.image_encoder(pixel_values)
+        embeds = splice_image_embeddings(self.llama_model.embed_tokens(input_ids), image_embeds, image_mask)
+        logits, _, _ = self.llama_model(input_ids, position_ids, attention_mask, embeds)
+        return logits
+
+    def load_checkpoints(self):
+        """Load the converted checkpoints the config names; returns the parts loaded."""
+        loaded = []
+        for (what, path), allow_missing in zip(checkpoint_paths(self.config), _CHECKPOINT_PARTS):
+            if allow_missing is None:
+                done = load_weights(self.llama_model, path, what, prefix="llama_model.")
+            else:
+                if not self.config.has_qformer:
+                    allow_missing = allow_missing + ("qformer.",)
+                done = load_weights(self.image_encoder, path, what, allow_missing=allow_missing,
+                                    prefix="image_encoder.")
+            if done:
+                loaded.append(what.split(" (")[0])
+        return loaded
+
+    def image_embeddings(self, pixel_values):
+        """Image embeddings [B, image_tokens, H] (numpy) for pixel_values [B,3,S,S]."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise UserInputError(f"pixel_values must be [batch, 3, {size}, {size}], got {list(pixel_values.shape)}")
+        return self.image_encoder(Tensor(pixel_values, ms.float32)).asnumpy()
+
+    def generate(self, prompts, pre_image_lengths, pixel_values, settings: GenerationConfig, on_tokens=None):
+        """New token ids for each (image, prompt ids) row, all rows in one batch; the image's
+        placeholders start at pre_image_lengths[row] in prompt `row`."""
+        if len(prompts) != len(pixel_values) or len(prompts) != len(pre_image_lengths):
+            raise UserInputError(f"{len(pixel_values)} images for {len(prompts)} prompts")
+        embeds = splice_prompt_embeddings(
+            prompts, pre_image_lengths, self.image_embeddings(pixel_values),
+            lambda ids: self.llama_model.embed_tokens(Tensor(ids)).asnumpy(), settings.pad_token_id)
+        return generate(self.llama_model, prompts, settings, prompt_embeds=embeds, on_tokens=on_tokens)

@@ -13,15 +13,21 @@ MiniGPT-4 embeds a prompt in segments split at "<ImageHere>": the first segment 
 ones without (upstream `Chat.get_context_emb`: `add_special_tokens=i == 0`). `encode_segments`
 does exactly that. Decoding drops <unk> <s> </s>. Padding uses eos, as upstream v1 sets
 `pad_token = eos_token`; the padded positions are masked, so the value only has to be valid.
+
+Registered in MindFormers' registry as `ResearchLlamaTokenizer` (MindFormers has its own LlamaTokenizer).
 """
 import re
 
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from research.common.config import REGISTRY_PREFIX
 from research.common.errors import UserInputError
 from research.common.tokenization import SentencePieceTokenizer
 
 _KNOWN_FIELDS = ("vocab_file", "max_length", "padding_side", "add_bos_token", "add_eos_token")
 
 
+@MindFormerRegister.register(MindFormerModuleType.TOKENIZER, alias=REGISTRY_PREFIX + "LlamaTokenizer")
 class LlamaTokenizer(SentencePieceTokenizer):
     """LLaMA's sentencepiece tokenizer: `<s>` + prompt, left padding with eos."""
 

@@ -10,27 +10,8 @@ import sys
 
 from research.common.errors import UserInputError
 from research.common.image_processing import check_image
-from research.common.runtime import cli_main
+from research.common.runtime import StreamPrinter, cli_main
 from research.visualglm.inference import add_model_arguments, load_from_arguments
-
-
-class StreamPrinter:
-    """Prints the decoded answer as it grows (decoding the whole answer each step, since a
-    sentencepiece piece may only become printable together with the next one)."""
-
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids, self.shown = [], ""
-
-    def __call__(self, new_tokens):
-        if new_tokens[0] is None:
-            return
-        self.ids.append(new_tokens[0])
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
-            self.shown = text
 
 
 def read_line(prompt, stdin):

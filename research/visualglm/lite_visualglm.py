@@ -25,6 +25,7 @@ import mindspore as ms
 from research.common.config import repo_path
 from research.common.errors import UserInputError
 from research.common.generation import generate
+from research.common.image_splice import splice_prompt_embeddings
 from research.common.lite import decoder_graphs
 from research.common.lite.decoder_graphs import (DECODER_FOLDERS, DECODER_INPUTS, DECODER_NAMES,
                                                  check_embedding_table, check_exported_together,
@@ -39,7 +40,6 @@ from research.visualglm.configuration_visualglm import load_visualglm_config
 from research.visualglm.convert_visualglm import LITE_CHECKPOINT, LITE_PARAMETER
 from research.visualglm.inference import Reply, check_special_ids, generation_config
 from research.visualglm.modeling_glm import glm_positions_and_mask
-from research.visualglm.modeling_visualglm import splice_prompt_embeddings
 from research.visualglm.processing_visualglm import build_processor
 
 FOLDERS = {**DECODER_FOLDERS, "image_encoder": "mindir_image_encoder_bs_{batch_size}"}

@@ -44,8 +44,28 @@ def test_stops_at_eos_and_stop_ids(model, config):
     first = free.index(stop_at)
     stopped = generate(model, [ids], greedy(config, max_new_tokens=10, eos_token_id=stop_at))[0]
     assert stopped == free[:first + 1]
-    by_stop_list = generate(model, [ids], greedy(config, max_new_tokens=10, stop_token_ids=[stop_at]))[0]
+    by_stop_list = generate(model, [ids], greedy(config, max_new_tokens=10, stop_sequences=[[stop_at]]))[0]
     assert by_stop_list == stopped
+
+
+def test_multi_token_stop_sequences_stop_each_row_on_its_own(model, config):
+    """A row stops right after the first place its new tokens end with a stop sequence (a pair
+    here, as MiniGPT-4's "##" "#"); the other rows keep going, as they would alone."""
+    prompts = [prompt(b, config) for b in random_bodies(21, [5, 7])]
+    free = generate(model, prompts, greedy(config, max_new_tokens=10))
+    pair = tuple(free[0][3:5])
+    settings = greedy(config, max_new_tokens=10, stop_sequences=[(999999,), pair])
+    stopped = generate(model, prompts, settings)
+
+    def cut(row):
+        for end in range(2, len(row) + 1):
+            if tuple(row[end - 2:end]) == pair:
+                return row[:end]
+        return row
+
+    assert stopped[0] == cut(free[0]) and len(stopped[0]) <= 5
+    assert stopped[1] == cut(free[1])
+    assert stopped == [generate(model, [p], settings)[0] for p in prompts]
 
 
 def test_length_limits(model, config):

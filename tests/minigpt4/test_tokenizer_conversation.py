@@ -1,11 +1,11 @@
 """MiniGPT-4's LLaMA tokenizer and chat format on a tiny LLaMA-style sentencepiece model built at
 test time (<unk> 0, <s> 1, </s> 2, byte fallback). Expected prompt strings are written out from
 notes/minigpt4.md §2.7 (upstream conversation.py at the seed commit and later), not from the code."""
-import numpy as np
 import pytest
 import sentencepiece as spm
 
 from research.common.errors import UserInputError
+from research.common.generation import ends_with_any
 from research.common.testing import default_sentences, train_sentencepiece_model
 from research.minigpt4 import conversation_minigpt4 as conv
 from research.minigpt4.tokenization_minigpt4 import LlamaTokenizer
@@ -163,31 +163,12 @@ def test_image_without_placeholder_is_a_user_error():
 
 
 def test_per_row_stop_on_both_spellings():
-    tracker = conv.StopTracker(3)
-    steps = [[10, 11, 12], [835, 2277, 2277], [5, 6, 7], [6, 29937, 29937], [7, 8, 835]]
-    masks = [tracker.update(step).tolist() for step in steps]
-    # row 0 stops on [835] at step 2
-    assert masks[1] == [True, False, False]
-    assert tracker.finished_at[0] == 2
-    # row 1: 11, 2277, 6, 29937, 8 -> no stop ("##" and "#" not adjacent)
-    assert tracker.finished_at[1] is None
-    # row 2: 12, 2277, 7, 29937, 835 -> stops at step 5 on [835].
-    assert masks[4] == [True, False, True]
-    assert tracker.finished_at[2] == 5
-    assert not tracker.all_done
-    tracker.update([1, 2277, 1])  # row 1: "##" then "#" at step 7
-    assert tracker.update([1, 29937, 1]).tolist() == [True, True, True]
-    assert tracker.finished_at == [2, 7, 5] and tracker.all_done
-    assert tracker.generated[0] == [10, 835]  # tokens after a row stopped are not recorded
-    assert tracker.answers_ids() == [[10], [11, 2277, 6, 29937, 8], [12, 2277, 7, 29937]]
-
-
-def test_stopped_rows_and_eos():
-    rows = np.array([[4, 5, 835], [4, 2277, 29937], [2277, 29937, 4], [4, 4, 29937]])
-    assert conv.stopped_rows(rows).tolist() == [True, True, False, False]
-    tracker = conv.StopTracker(2, eos_token_id=2)
-    assert tracker.update([2, 9]).tolist() == [True, False]
-    assert conv.cut_at_stop([9, 8, 2277, 29937, 7]) == [9, 8]
+    """Both spellings of "###" end a row at their first occurrence; "##" and "#" apart do not."""
+    rows = [[10, 835, 5, 6], [11, 2277, 6, 29937, 8, 2277, 29937, 1], [12, 2277, 7, 29937, 835]]
+    ends = [next((end for end in range(1, len(row) + 1) if ends_with_any(row[:end], conv.STOP_SEQUENCES)), None)
+            for row in rows]
+    assert ends == [2, 7, 5]
+    assert [conv.cut_at_stop(row) for row in rows] == [[10], [11, 2277, 6, 29937, 8], [12, 2277, 7, 29937]]
     assert conv.cut_at_stop([9, 2, 835], eos_token_id=2) == [9]
     assert conv.cut_at_stop([9, 8]) == [9, 8]
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from research.common.config import REPO_ROOT
 from research.common.convert import save_checkpoint_atomic
+from research.common.testing import images_in_every_mode
 from research.visualglm import cli_demo, run_visualglm, run_visualglm_pipeline
 from research.visualglm.inference import image_prompt_pairs
 
@@ -34,21 +34,6 @@ def write_config(directory, vision="", qformer="", glm="", mode=0):
     with open(path, "w", encoding="utf-8") as stream:
         yaml.safe_dump(config, stream, allow_unicode=True)
     return path
-
-
-def images_in_every_mode(directory):
-    """Grayscale, RGBA, CMYK and 16-bit files of one picture; returns their paths."""
-    base = Image.open(EXAMPLE).convert("RGB").resize((80, 60))
-    paths = []
-    for name, image in (("gray.png", base.convert("L")), ("rgba.png", base.convert("RGBA")),
-                        ("cmyk.jpg", base.convert("CMYK"))):
-        paths.append(os.path.join(directory, name))
-        image.save(paths[-1])
-    sixteen = (np.asarray(base.convert("L"), np.uint16) * 257)
-    paths.append(os.path.join(directory, "gray16.png"))
-    Image.fromarray(sixteen).save(paths[-1])
-    assert Image.open(paths[-1]).mode.startswith("I")
-    return paths
 
 
 def run_exit_code(main, argv, capsys):
