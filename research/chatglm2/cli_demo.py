@@ -15,15 +15,9 @@ import warnings
 
 from research.chatglm2.inference import HistoryTruncatedWarning, chatglm2_parser, decoding_overrides, load_from_arguments
 from research.common.errors import UserInputError
-from research.common.runtime import cli_main
+from research.common.runtime import cli_main, read_line
 
 WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
-
-
-def read_line(prompt, stdin):
-    print(prompt, end="", flush=True)
-    line = stdin.readline()
-    return None if line == "" else line.strip()
 
 
 def stream_answer(glm, query, history, past, settings, stdout):

@@ -31,7 +31,8 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from research.chatglm2.configuration_chatglm2 import LORA_DEFAULTS, REGISTRY_PREFIX, ChatGLM2Config
 from research.common.kv_cache import (InGraphCausalLM, cache_slot_indices, expand_kv_groups,
                                       left_padded_positions_and_mask, write_cache)
-from research.common.layers import MASKED_SCORE, SkinnyDense, StepDropout, ms_dtype, next_token_loss
+from research.common.layers import (MASKED_SCORE, SkinnyDense, StepDropout, causal_positions_and_mask, ms_dtype,
+                                    next_token_loss)
 
 
 class RMSNorm(nn.Cell):
@@ -328,10 +329,7 @@ class ChatGLM2ForTraining(nn.Cell):
         self.model = model
 
     def construct(self, input_ids, labels):
-        batch, length = input_ids.shape
-        position_ids = ops.broadcast_to(ops.arange(length, dtype=ms.int32).reshape(1, length), (batch, length))
-        causal = ops.tril(ops.ones((length, length), ms.float32))
-        attention_mask = ops.broadcast_to(causal.reshape(1, 1, length, length), (batch, 1, length, length))
+        position_ids, attention_mask = causal_positions_and_mask(*input_ids.shape)
         logits, _, _ = self.model(input_ids, position_ids, attention_mask)
         return next_token_loss(logits, labels)
 

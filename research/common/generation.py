@@ -125,6 +125,13 @@ class GenerationConfig:
             raise UserInputError(f"stop_sequences must be non-empty id lists, got {self.stop_sequences}")
 
 
+def in_batches(items, batch_size):
+    """`items` in consecutive chunks of `batch_size` (the last may be shorter)."""
+    if batch_size <= 0:
+        raise UserInputError(f"batch_size must be positive, got {batch_size}")
+    return [items[first:first + batch_size] for first in range(0, len(items), batch_size)]
+
+
 def plan_lengths(prompts, config: GenerationConfig, seq_length):
     """(prompt_slots, limit): the left-padded prompt length (a power of two when it leaves room
     for the new tokens) and the position after the last new token."""

@@ -5,7 +5,11 @@ which MiniGPT-4 uses) does: `convert('RGB')`, PIL bicubic resize to size x size 
 torchvision's Resize on a PIL image calls exactly `image.resize((size, size), BICUBIC)`), /255,
 normalise with the CLIP mean and std, channels first. Images of any PIL mode are read; 16-bit
 and float images are rescaled rather than clipped (see to_rgb).
+
+`BlipImageTrainProcessor` is MiniGPT-4's training transform (`blip2_image_train`): torchvision's
+RandomResizedCrop, re-implemented so that the crop is a function of a per-sample seed.
 """
+import math
 import os
 import struct
 import zlib
@@ -222,3 +226,83 @@ class BlipImageProcessor:
         if not batch:
             raise UserInputError(f"no images given; expected {_EXPECTED_IMAGE}, or a list of them")
         return np.stack([self.preprocess(self.to_pil(image, i)) for i, image in enumerate(batch)])
+
+
+# torchvision RandomResizedCrop's default aspect-ratio range (upstream does not change it).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class BlipImageTrainProcessor:
+    """Training images -> float32 [3, S, S], as upstream MiniGPT-4's `blip2_image_train`, with
+    the randomness drawn from a per-sample seed so that a resumed run crops exactly as the
+    interrupted one would have.
+
+    transform "random_resized_crop" (the seed's commit 22d8888): torchvision's
+    RandomResizedCrop(S, scale, ratio (3/4, 4/3), BICUBIC) -> ToTensor -> Normalize, no flip.
+    The crop box follows RandomResizedCrop.get_params (10 tries of an area in `scale` and a
+    log-uniform aspect ratio, then a centre crop) with numpy's RandomState(seed) in place of
+    torch's generator; crop and resize are torchvision's PIL path: `image.crop((left, top,
+    left + w, top + h)).resize((S, S), BICUBIC)`. transform "resize" (upstream since 68d81af):
+    Resize((S, S), BICUBIC), i.e. BlipImageProcessor; the seed is not used.
+    Inputs are what BlipImageProcessor takes (path, PIL image, HxWxC uint8 array), one at a time.
+    """
+
+    TRANSFORMS = ("random_resized_crop", "resize")
+
+    def __init__(self, image_size=224, mean=CLIP_MEAN, std=CLIP_STD, transform="random_resized_crop",
+                 scale=(0.5, 1.0)):
+        self.eval_processor = BlipImageProcessor(image_size, mean, std)
+        if transform not in self.TRANSFORMS:
+            raise UserInputError(f"image transform must be one of {', '.join(self.TRANSFORMS)}, "
+                                 f"got {transform!r}")
+        self.transform = transform
+        if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scale)
+                or not 0 < scale[0] <= scale[1] <= 1):
+            raise UserInputError(f"crop scale must be two numbers 0 < low <= high <= 1 (the share of "
+                                 f"the image area kept), got {scale!r}")
+        self.scale = (float(scale[0]), float(scale[1]))
+
+    @staticmethod
+    def _random_state(seed):
+        """numpy's RandomState for a seed: an int or a sequence of ints in [0, 2**32). None (which
+        numpy would fill from the OS) is refused: the crop must repeat on resume."""
+        if seed is None:
+            raise UserInputError("random_resized_crop needs a per-sample seed, e.g. (seed, epoch, index)")
+        try:
+            return np.random.RandomState(seed)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"a crop seed is an integer or a sequence of integers in [0, 2**32), "
+                                 f"got {seed!r}") from err
+
+    def crop_box(self, width, height, seed):
+        """(top, left, h, w) of the crop for an image of width x height, as
+        RandomResizedCrop.get_params draws it, from RandomState(seed)."""
+        draw = self._random_state(seed)
+        area = height * width
+        log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+        for _ in range(10):
+            target_area = area * draw.uniform(*self.scale)
+            aspect_ratio = math.exp(draw.uniform(log_low, log_high))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(draw.randint(0, height - h + 1))
+                left = int(draw.randint(0, width - w + 1))
+                return top, left, h, w
+        in_ratio = width / height  # no try fitted: a centre crop at the nearest allowed ratio
+        if in_ratio < min(CROP_RATIO):
+            w, h = width, int(round(width / min(CROP_RATIO)))
+        elif in_ratio > max(CROP_RATIO):
+            w, h = int(round(height * max(CROP_RATIO))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image, seed):
+        """One image -> float32 [3, S, S]; `seed` fixes the crop (e.g. (seed, epoch, index))."""
+        rgb = self.eval_processor.to_pil(image)
+        if self.transform == "random_resized_crop":
+            top, left, h, w = self.crop_box(rgb.width, rgb.height, seed)
+            rgb = rgb.crop((left, top, left + w, top + h))
+        return self.eval_processor.preprocess(rgb)

@@ -19,6 +19,14 @@ def next_token_loss(logits, labels):
     return ops.cross_entropy(logits, targets, ignore_index=-100, reduction="mean")
 
 
+def causal_positions_and_mask(batch, length):
+    """Positions 0..L-1 [B,L] int32 and a causal mask [B,1,L,L] (1 = attend), in the graph: the
+    training inputs of right-padded rows (padding comes after the text, so no real token sees it)."""
+    position_ids = ops.broadcast_to(ops.arange(length, dtype=ms.int32).reshape(1, length), (batch, length))
+    causal = ops.tril(ops.ones((length, length), ms.float32))
+    return position_ids, ops.broadcast_to(causal.reshape(1, 1, length, length), (batch, 1, length, length))
+
+
 def ms_dtype(name):
     """MindSpore dtype from a config string such as 'float16'."""
     return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]

@@ -1,4 +1,5 @@
-"""Learning-rate schedules for fine-tuning: SAT's `AnnealingLR` and layer-wise lr decay.
+"""Learning-rate schedules for fine-tuning: SAT's `AnnealingLR`, MiniGPT-4's (LAVIS')
+`linear_warmup_cosine_lr` and layer-wise lr decay.
 
 `AnnealingLR` is the schedule of SwissArmyTransformer (sat/training/learning_rates.py) as
 MindFormers' VisualGLM port runs it (research/visualglm/visualglm_lr_schedule.py), for the
@@ -19,6 +20,16 @@ auto_warmup_steps=100, auto_warmup_rate=0.05, last_iter=-1 are upstream's: the f
 updates run at no more than 5% of the lr (set auto_warmup_steps: 0 for a plain linear warmup).
 Departures: upstream's linear branch goes below zero after num_iters; here it stops at
 min_lr. `min_lr`, when given, replaces lr * decay_ratio.
+
+`LinearWarmupCosineLR` is MiniGPT-4's `linear_warmup_cosine_lr` (minigpt4/common/optims.py at
+the seed commit 22d8888) for update s (0-based), with T = max_epoch * iters_per_epoch:
+
+    s < warmup_steps:  min(init_lr, warmup_lr + (init_lr - warmup_lr) * (s mod iters_per_epoch) / warmup_steps)
+    otherwise:         min_lr + (init_lr - min_lr) * (1 + cos(pi * s / T)) / 2
+
+Upstream passes the step within the epoch to the warmup (the same as s whenever the warmup ends
+in the first epoch, as in both MiniGPT-4 stages) and the cosine runs over all T steps, warmup
+included, so it continues just below init_lr where the warmup stops.
 
 Layer-wise decay (`layer_scale: True`, MindFormers' `get_optimizer_grouped_parameters` with
 its ViT rule): a parameter in block N (a name containing `layers.N.`) gets
@@ -103,6 +114,50 @@ class AnnealingLR(LearningRateSchedule):
         if self.use_auto_warmup:
             rate = ops.select(step <= self.auto_warmup_end, ops.minimum(warm, self.auto_warmup_lr), rate)
         return rate
+
+
+class LinearWarmupCosineLR(LearningRateSchedule):
+    """MiniGPT-4's linear_warmup_cosine_lr; see the module docstring for the formula. Without
+    `iters_per_epoch` an epoch is total_steps / max_epoch updates (upstream: the loader's length)."""
+
+    def __init__(self, init_lr, min_lr, max_epoch, iters_per_epoch=None, warmup_steps=0, warmup_lr=-1,
+                 total_steps=-1):
+        super().__init__()
+        if iters_per_epoch is None:
+            if total_steps is None or total_steps <= 0:
+                raise UserInputError("lr_schedule: set iters_per_epoch to a positive number of steps")
+            iters_per_epoch = max(total_steps // max_epoch, 1)
+        if not 0 <= min_lr <= init_lr or init_lr <= 0 or max_epoch <= 0 or iters_per_epoch <= 0 or warmup_steps < 0:
+            raise UserInputError(f"lr_schedule: need 0 <= min_lr <= init_lr, init_lr > 0, max_epoch > 0, "
+                                 f"iters_per_epoch > 0 and warmup_steps >= 0; got init_lr={init_lr}, "
+                                 f"min_lr={min_lr}, max_epoch={max_epoch}, iters_per_epoch={iters_per_epoch}, "
+                                 f"warmup_steps={warmup_steps}")
+        self.init_lr = float(init_lr)
+        self.min_lr = float(min_lr)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_lr = float(warmup_lr) if warmup_lr >= 0 else self.init_lr  # upstream: -1 means init_lr
+        self.total = int(max_epoch) * self.iters_per_epoch
+
+    def value(self, step):
+        """The learning rate at `step` as a Python float (for tests and logs)."""
+        if step < self.warmup_steps:
+            rise = (self.init_lr - self.warmup_lr) * (step % self.iters_per_epoch) / max(self.warmup_steps, 1)
+            return min(self.init_lr, self.warmup_lr + rise)
+        return (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / self.total)) + self.min_lr
+
+    def construct(self, global_step):
+        step = ops.cast(global_step, ms.float32)
+        cosine = (self.init_lr - self.min_lr) * 0.5 * (1.0 + ops.cos(math.pi * step / self.total)) + self.min_lr
+        if self.warmup_steps == 0:
+            return cosine
+        in_epoch = step - ops.floor(step / self.iters_per_epoch) * self.iters_per_epoch
+        warm = ops.minimum(self.warmup_lr + (self.init_lr - self.warmup_lr) * in_epoch / self.warmup_steps,
+                           self.init_lr)
+        return ops.select(step < self.warmup_steps, warm, cosine)
+
+
+MindFormerRegister.register_cls(LinearWarmupCosineLR, MindFormerModuleType.LR, alias="linear_warmup_cosine_lr")
 
 
 class LayerScaledLR(LearningRateSchedule):

@@ -58,6 +58,27 @@ class StreamPrinter:
             self.shown = text
 
 
+def read_line(prompt, stdin):
+    """One line typed at the terminal chats, stripped; None at the end of input."""
+    print(prompt, end="", flush=True)
+    line = stdin.readline()
+    return None if line == "" else line.strip()
+
+
+def ask_image(image_processor, stdin):
+    """Ask for an image path until `image_processor` reads it (a bad file is reported and asked
+    for again, not fatal); None at 'stop' or the end of input."""
+    while True:
+        image = read_line("image path: ", stdin)
+        if image is None or image == "stop":
+            return None
+        try:
+            image_processor(image)
+            return image
+        except UserInputError as err:
+            print(f"error: {err}")
+
+
 def str2bool(value):
     """argparse type for 'True'/'False' flags as MindFormers' scripts take them."""
     if isinstance(value, bool):

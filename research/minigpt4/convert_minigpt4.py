@@ -12,7 +12,10 @@ The Llama-2 variant has no Q-Former and upstream never loads a BLIP-2 file for i
 keeps LayerNorm's initial weight 1, bias 0), so it takes three files. The ViT and Q-Former files
 are read whole (LAVIS keeps q/v biases and q/k/v apart, fused here into our layout); the LLaMA
 streams shard by shard. Every key and shape of every file is checked before anything is written,
-and the outputs appear only when all are complete.
+and the outputs appear only when all are complete. The image-side outputs carry MiniGPT4's own
+parameter names (`image_encoder.visual_encoder.*`, `image_encoder.qformer.*`,
+`image_encoder.llama_proj.*`, as training checkpoints do); the LLaMA output is a plain MindFormers
+llama checkpoint (`model.layers.N...`, `lm_head`).
 
 The LLaMA part: Hugging Face LlamaForCausalLM weights into LlamaForCausalLM here.
 
@@ -33,8 +36,11 @@ config that says otherwise is refused with the number to set. Meta's original LL
 convert_llama_weights_to_hf.py makes them Hugging Face files first.
 """
 import dataclasses
+import os
 import time
 
+from research.common.atomic import atomic_write
+from research.common.checkpoint import read_checkpoint
 from research.common.convert import Row, apply_table, check_table
 from research.common.errors import UserInputError
 from research.common.qformer import fuse_hf_blip2_qformer, lavis_to_hf_qformer_names, rows_from_hf_blip2_qformer
@@ -179,24 +185,24 @@ def _refuse_foreign(keys, marker_keys, path, what):
 
 
 def convert_eva_vit(state_dict, config: MiniGPT4Config, path="eva_vit_g.pth"):
-    """{`visual_encoder.` name: array} of LAVIS' EVA-ViT-g state dict (ln_vision excluded)."""
+    """{MiniGPT4 parameter name: array} of LAVIS' EVA-ViT-g state dict (ln_vision excluded)."""
     prefix = "visual_encoder." if "visual_encoder.cls_token" in state_dict else ""
     _refuse_foreign(state_dict, (prefix + "cls_token", prefix + "pos_embed"), path, "LAVIS' EVA-ViT-g (eva_vit_g.pth)")
     fused = fuse_lavis_eva_vit(state_dict, config.vision_config, prefix)
     rows = rows_from_lavis_eva_vit(config.vision_config, prefix)
     arrays = apply_table(fused, rows, what=f"EVA-ViT-g checkpoint {path}", strict=False)
-    return {"visual_encoder." + name: value for name, value in arrays.items()}
+    return {"image_encoder.visual_encoder." + name: value for name, value in arrays.items()}
 
 
 def convert_blip2(state_dict, config: MiniGPT4Config, path="blip2_pretrained_flant5xxl.pth"):
-    """{name: array} of `visual_encoder.ln_vision.*` and `qformer.*` from a LAVIS BLIP-2 checkpoint;
+    """{MiniGPT4 parameter name: array} of ln_vision and the Q-Former from a LAVIS BLIP-2 checkpoint;
     the rest of the file (text path, T5 projection, ITM head) is not used."""
     _refuse_foreign(state_dict, ("query_tokens",), path, "a BLIP-2 checkpoint (blip2_pretrained_flant5xxl.pth)")
     hf_named = fuse_hf_blip2_qformer(lavis_to_hf_qformer_names(state_dict), config.qformer_config, "qformer.")
     hidden = config.vision_config.hidden_size
-    rows = [Row("ln_vision.weight", "visual_encoder.ln_vision.gamma", (hidden,)),
-            Row("ln_vision.bias", "visual_encoder.ln_vision.beta", (hidden,))]
-    rows += [dataclasses.replace(row, target="qformer." + row.target)
+    rows = [Row("ln_vision.weight", "image_encoder.visual_encoder.ln_vision.gamma", (hidden,)),
+            Row("ln_vision.bias", "image_encoder.visual_encoder.ln_vision.beta", (hidden,))]
+    rows += [dataclasses.replace(row, target="image_encoder.qformer." + row.target)
              for row in rows_from_hf_blip2_qformer(config.qformer_config, "qformer.")]
     return apply_table(hf_named, rows, what=f"BLIP-2 checkpoint {path}", strict=False)
 
@@ -212,9 +218,10 @@ def _variant_of(proj_shape):
 
 
 def projection_rows(config: MiniGPT4Config):
+    """MiniGPT-4's llama_proj under MiniGPT4's name (the name training checkpoints have too)."""
     hidden, width = config.text_config.hidden_size, config.projection_width
-    return [Row("llama_proj.weight", "llama_proj.weight", (hidden, width)),
-            Row("llama_proj.bias", "llama_proj.bias", (hidden,))]
+    return [Row("llama_proj.weight", "image_encoder.llama_proj.weight", (hidden, width)),
+            Row("llama_proj.bias", "image_encoder.llama_proj.bias", (hidden,))]
 
 
 def check_projection(shapes, config: MiniGPT4Config, path):
@@ -281,3 +288,22 @@ def convert_minigpt4(paths: MiniGPT4Paths, config: MiniGPT4Config, dtype="keep")
     files += len(shards)
     written = stream_convert(shards, keys_by_shard, streamed, dtype, converted=converted)
     return ConversionReport("MiniGPT-4 upstream files", files, written, time.monotonic() - start)
+
+
+def export_llama_proj(checkpoint_path, pth_path):
+    """Write the llama_proj of a MindSpore checkpoint (a training checkpoint, or the converted
+    file) in upstream's pretrained_minigpt4.pth layout, {"model": {"llama_proj.weight",
+    "llama_proj.bias"}} as float32 torch tensors, for users going back to PyTorch. Atomic."""
+    import torch  # conversion only
+
+    params = read_checkpoint(checkpoint_path, "llama_proj checkpoint")
+    names = {"image_encoder.llama_proj.weight": "llama_proj.weight", "image_encoder.llama_proj.bias": "llama_proj.bias"}
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise UserInputError(f"{checkpoint_path} has no {', '.join(missing)}: give a MiniGPT-4 training checkpoint "
+                             f"(checkpoint_trainable/rank_0/...) or a converted llama_proj checkpoint")
+    state = {upstream: torch.from_numpy(params[ours].astype("float32")) for ours, upstream in names.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(pth_path)), exist_ok=True)
+    with atomic_write(pth_path) as stream:
+        torch.save({"model": state}, stream)
+    return {name: tuple(value.shape) for name, value in state.items()}

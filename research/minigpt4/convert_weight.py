@@ -7,16 +7,18 @@
         --ckpt pretrained_minigpt4.pth --proj_mindspore_path minigpt4_llama_proj.ckpt
 
 Each upstream file comes with its output; any subset may be converted (the Llama-2 variant has no
---q_former_model). `--config` names the model the files must fit: a llama_proj of another variant
+--q_former_model). Back to PyTorch: `--export_llama_proj TRAINED.ckpt --export_path OUT.pth` writes a
+trained llama_proj in pretrained_minigpt4.pth's layout ({"model": {llama_proj.weight, llama_proj.bias}}). `--config` names the model the files must fit: a llama_proj of another variant
 is reported with the config it belongs to. Vicuna is a Hugging Face directory, index json,
 `.bin` or `.safetensors`; it streams shard by shard. The tables are convert_minigpt4.py's.
 """
 import argparse
 
+from research.common.errors import UserInputError
 from research.common.runtime import cli_main
 from research.common.torch_checkpoint import OUTPUT_DTYPES
 from research.minigpt4.configuration_minigpt4 import load_minigpt4_config
-from research.minigpt4.convert_minigpt4 import MiniGPT4Paths, convert_minigpt4
+from research.minigpt4.convert_minigpt4 import MiniGPT4Paths, convert_minigpt4, export_llama_proj
 
 DEFAULT_CONFIG = "run_minigpt4_13b.yaml"
 
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--llama_mindspore_path", help="output: LLaMA .ckpt")
     parser.add_argument("--ckpt", help="pretrained_minigpt4.pth (upstream's ckpt: llama_proj)")
     parser.add_argument("--proj_mindspore_path", help="output: llama_proj .ckpt")
+    parser.add_argument("--export_llama_proj", help="a MindSpore checkpoint with llama_proj (training output) to "
+                                                    "write as upstream's .pth (with --export_path)")
+    parser.add_argument("--export_path", help="output .pth of --export_llama_proj")
     parser.add_argument("--dtype", choices=OUTPUT_DTYPES, default="keep",
                         help="float dtype written; keep: float16 and float32 stay, bfloat16 becomes float32")
     return parser.parse_args(argv)
@@ -44,6 +49,12 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_llama_proj or args.export_path:
+        if not (args.export_llama_proj and args.export_path):
+            raise UserInputError("--export_llama_proj and --export_path go together")
+        shapes = export_llama_proj(args.export_llama_proj, args.export_path)
+        print(f"wrote {', '.join(f'{k} {list(v)}' for k, v in shapes.items())} -> {args.export_path}")
+        return shapes
     _, config = load_minigpt4_config(args.config)
     paths = MiniGPT4Paths(eva_vit=args.eva_vit_path, blip2=args.q_former_model, vicuna=args.llama_model,
                           minigpt4=args.ckpt, vit_out=args.vit_mindspore_path, qformer_out=args.qformer_mindspore_path,

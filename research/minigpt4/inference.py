@@ -17,7 +17,7 @@ import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 from research.common.errors import UserInputError
-from research.common.generation import GenerationConfig
+from research.common.generation import GenerationConfig, in_batches
 from research.common.image_processing import check_image
 from research.common.memory import check_memory
 from research.common.runtime import add_generation_arguments, init_context, resolve_path, str2bool
@@ -51,12 +51,6 @@ def check_special_ids(config: LlamaConfig, tokenizer):
     if tokenizer.vocab_size > config.vocab_size:
         raise UserInputError(f"the tokenizer has {tokenizer.vocab_size} pieces but text_config.vocab_size is "
                              f"{config.vocab_size}")
-
-
-def in_batches(items, batch_size):
-    if batch_size <= 0:
-        raise UserInputError(f"batch_size must be positive, got {batch_size}")
-    return [items[first:first + batch_size] for first in range(0, len(items), batch_size)]
 
 
 @dataclasses.dataclass

@@ -45,7 +45,8 @@ from research.common.generation import GenerationConfig, generate
 from research.common.image_splice import splice_image_embeddings, splice_prompt_embeddings
 from research.common.kv_cache import (InGraphCausalLM, cache_slot_indices, expand_kv_groups,
                                       left_padded_positions_and_mask, write_cache)
-from research.common.layers import MASKED_SCORE, SkinnyDense, ms_dtype
+from research.common.layers import (MASKED_SCORE, SkinnyDense, causal_positions_and_mask, ms_dtype,
+                                    next_token_loss)
 from research.common.qformer import QFormer
 from research.common.runtime import load_weights
 from research.common.vision import EvaViT
@@ -320,15 +321,17 @@ def checkpoint_paths(config: MiniGPT4Config):
             ("llama_proj checkpoint (model_config.checkpoint_name_or_path)", config.checkpoint_name_or_path)]
 
 
-# What each converted checkpoint holds, as names under MiniGPT4ImageEncoder (None: the LLaMA):
-# the ViT without ln_vision (eva_vit_g.pth), ln_vision with the Q-Former (BLIP-2's file), llama_proj.
-_VIT_BLOCKS = ("visual_encoder.patch_embedding.", "visual_encoder.cls_token",
-               "visual_encoder.position_embeddings", "visual_encoder.layers.")
+# What each image-side checkpoint may lack (names are MiniGPT4's): the ViT file (eva_vit_g.pth) has
+# no ln_vision, the Q-Former file (BLIP-2's) has ln_vision and the Q-Former only, the llama_proj
+# file (pretrained_minigpt4.pth, or a training checkpoint) llama_proj only. None: the LLaMA, a
+# plain llama checkpoint loaded under `llama_model.`.
+_VIT_BLOCKS = tuple("image_encoder.visual_encoder." + name
+                    for name in ("patch_embedding.", "cls_token", "position_embeddings", "layers."))
 _CHECKPOINT_PARTS = [
-    ("visual_encoder.ln_vision.", "qformer.", "llama_proj."),  # ViT: may lack these
-    _VIT_BLOCKS + ("llama_proj.",),  # Q-Former file
+    ("image_encoder.visual_encoder.ln_vision.", "image_encoder.qformer.", "image_encoder.llama_proj.", "llama_model."),
+    _VIT_BLOCKS + ("image_encoder.llama_proj.", "llama_model."),
     None,
-    ("visual_encoder.", "qformer."),  # llama_proj file
+    ("image_encoder.visual_encoder.", "image_encoder.qformer.", "llama_model."),
 ]
 
 
@@ -337,7 +340,7 @@ class MiniGPT4(nn.Cell):
     """MiniGPT-4 for image chat (upstream `minigpt4/models/mini_gpt4.py`).
 
     Parameters live under `image_encoder.` (`visual_encoder.*`, `qformer.*`, `llama_proj.*`) and
-    `llama_model.` (LlamaForCausalLM's names), so each converted checkpoint loads into its part.
+    `llama_model.` (LlamaForCausalLM's names); each converted checkpoint holds one part.
     """
 
     def __init__(self, config: MiniGPT4Config):
@@ -360,10 +363,7 @@ class MiniGPT4(nn.Cell):
             if allow_missing is None:
                 done = load_weights(self.llama_model, path, what, prefix="llama_model.")
             else:
-                if not self.config.has_qformer:
-                    allow_missing = allow_missing + ("qformer.",)
-                done = load_weights(self.image_encoder, path, what, allow_missing=allow_missing,
-                                    prefix="image_encoder.")
+                done = load_weights(self, path, what, allow_missing=allow_missing)
             if done:
                 loaded.append(what.split(" (")[0])
         return loaded
@@ -384,3 +384,28 @@ class MiniGPT4(nn.Cell):
             prompts, pre_image_lengths, self.image_embeddings(pixel_values),
             lambda ids: self.llama_model.embed_tokens(Tensor(ids)).asnumpy(), settings.pad_token_id)
         return generate(self.llama_model, prompts, settings, prompt_embeds=embeds, on_tokens=on_tokens)
+
+
+class MiniGPT4ForTraining(nn.Cell):
+    """MiniGPT-4's training loss (upstream `MiniGPT4.forward`): right-padded rows of
+    [bos] + prompt + image + text, next-token cross entropy where labels are not -100.
+    auto_prefix=False keeps the model's parameter names."""
+
+    def __init__(self, model: MiniGPT4):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, image, input_ids, labels, image_mask):
+        position_ids, attention_mask = causal_positions_and_mask(*input_ids.shape)
+        return next_token_loss(self.model(input_ids, position_ids, attention_mask, image, image_mask), labels)
+
+
+def select_trainable(model: MiniGPT4):
+    """Only llama_proj trains (upstream freezes the ViT, ln_vision, the Q-Former and the LLaMA);
+    returns its parameters."""
+    trainable = []
+    for param in model.get_parameters():
+        param.requires_grad = param.name.startswith("image_encoder.llama_proj.")
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable

@@ -10,14 +10,8 @@ import sys
 
 from research.common.errors import UserInputError
 from research.common.image_processing import check_image
-from research.common.runtime import StreamPrinter, cli_main
+from research.common.runtime import StreamPrinter, ask_image, cli_main, read_line
 from research.visualglm.inference import add_model_arguments, load_from_arguments
-
-
-def read_line(prompt, stdin):
-    print(prompt, end="", flush=True)
-    line = stdin.readline()
-    return None if line == "" else line.strip()
 
 
 @cli_main
@@ -36,16 +30,9 @@ def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):
     image, history = args.image_path, []
     while True:
         if image is None:
-            image = read_line("image path: ", stdin)
-            if image is None or image == "stop":
+            image, history = ask_image(chat.processor.image_processor, stdin), []
+            if image is None:
                 return history
-            history = []
-            try:
-                chat.processor.image_processor(image)  # a bad file is asked for again, not fatal
-            except UserInputError as err:
-                print(f"error: {err}")
-                image = None
-                continue
         query = read_line("用户：", stdin)
         if query is None or query == "stop":
             return history

@@ -17,7 +17,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from research.common.checkpoint import read_checkpoint
 from research.common.config import load_config, resolve_config_path
 from research.common.errors import UserInputError
-from research.common.generation import GenerationConfig, generate
+from research.common.generation import GenerationConfig, generate, in_batches
 from research.common.image_processing import check_image
 from research.common.lora import load_lora_checkpoint, merge_lora
 from research.common.memory import check_memory
@@ -122,12 +122,6 @@ def pairs_and_model_from_arguments(args, lora_checkpoint=None):
     the pairs are checked before any weights are read."""
     pairs = image_prompt_pairs(args.image_path, args.prompt)
     return pairs, load_from_arguments(args, lora_checkpoint=lora_checkpoint, inputs=pairs)
-
-
-def in_batches(items, batch_size):
-    if batch_size <= 0:
-        raise UserInputError(f"batch_size must be positive, got {batch_size}")
-    return [items[first:first + batch_size] for first in range(0, len(items), batch_size)]
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks.measure import NEAR_TIE, parting_rows, transformers_generate
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
 from research.common.config import REPO_ROOT
 
@@ -45,9 +46,9 @@ def test_a_parting_row_is_reported_with_its_logit_gap():
     config = ChatGLM2Config.from_name("tiny")
     reference = benchmark.transformers_model(config)
     prompts = [[5, 6, 7], [8, 9, 10]]
-    theirs = benchmark.transformers_generate(reference, prompts, 3, lambda _tokens: None)
-    assert not benchmark.parting_rows(reference, prompts, theirs, theirs)
+    theirs = transformers_generate(reference, prompts, 3, lambda _tokens: None)
+    assert not parting_rows(reference, prompts, theirs, theirs)
     other = (theirs[1][1] + 1) % config.padded_vocab_size
     ours = [theirs[0], [theirs[1][0], other, theirs[1][2]]]
-    [(row, step, gap)] = benchmark.parting_rows(reference, prompts, ours, theirs)
-    assert (row, step) == (1, 1) and gap > benchmark.NEAR_TIE
+    [(row, step, gap)] = parting_rows(reference, prompts, ours, theirs)
+    assert (row, step) == (1, 1) and gap > NEAR_TIE

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from research.common.errors import UserInputError
-from research.common.image_processing import CLIP_MEAN, CLIP_STD, BlipImageProcessor, load_image, to_rgb
+from research.common.image_processing import (
+    CLIP_MEAN, CLIP_STD, BlipImageProcessor, BlipImageTrainProcessor, load_image, to_rgb)
 
 
 def gradient_rgb(width=301, height=150):
@@ -259,3 +260,56 @@ def test_image_processor_arguments_are_checked():
                    {"crop_size": 224}):
         with pytest.raises(UserInputError):
             BlipImageProcessor(**kwargs)
+
+
+# ---- training transform (MiniGPT-4's blip2_image_train) -------------------------------------------
+
+def test_train_crop_is_the_torchvision_pil_path():
+    """torchvision's RandomResizedCrop on PIL for a given box is crop((left, top, left + w, top + h))
+    then Resize BICUBIC: torch_reference's path (torchvision itself is not installable here: its
+    PyPI wheel is a CUDA build)."""
+    image = gradient_rgb()
+    ours = BlipImageTrainProcessor(224)
+    top, left, h, w = ours.crop_box(image.width, image.height, (1, 2, 3))
+    expected = torch_reference(image.crop((left, top, left + w, top + h)))[0]
+    np.testing.assert_allclose(ours(image, (1, 2, 3)), expected, rtol=0, atol=1e-6)
+    assert (h, w) != (image.height, image.width)
+
+
+def test_crop_boxes_follow_random_resized_crop_rules():
+    """Area share in scale (0.5, 1), aspect ratio in (3/4, 4/3) up to rounding, inside the image,
+    a function of the seed."""
+    processor = BlipImageTrainProcessor(224)
+    width, height = 301, 150
+    boxes = [processor.crop_box(width, height, (0, 0, index)) for index in range(300)]
+    assert boxes == [processor.crop_box(width, height, (0, 0, index)) for index in range(300)]
+    assert len(set(boxes)) > 100  # some seeds fall back to the centre crop (0, 50, 150, 200)
+    for top, left, h, w in boxes:
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        assert 0.5 - 0.02 <= h * w / (width * height) <= 1.0
+        assert 3 / 4 - 0.03 <= w / h <= 4 / 3 + 0.03
+    assert {box[0] > 0 for box in boxes} == {True, False} and {box[1] > 0 for box in boxes} == {True, False}
+
+
+def test_crop_falls_back_to_a_centre_crop():
+    """No try fits a 400x10 strip: torchvision's fallback crops the centre at the nearest ratio."""
+    processor = BlipImageTrainProcessor(224)
+    assert processor.crop_box(400, 10, 5) == (0, 193, 10, 13)  # w = round(10 * 4/3)
+    assert processor.crop_box(10, 400, 5) == (193, 0, 13, 10)  # h = round(10 / (3/4))
+
+
+def test_resize_transform_is_the_eval_transform():
+    image = gradient_rgb()
+    resized = BlipImageTrainProcessor(56, transform="resize")(image, (1, 2, 3))
+    np.testing.assert_array_equal(resized, BlipImageProcessor(56)(image)[0])
+
+
+def test_train_processor_arguments_are_checked():
+    for kwargs, message in (({"transform": "flip"}, "random_resized_crop, resize"),
+                            ({"scale": (0, 1)}, "crop scale"), ({"scale": (0.9, 0.5)}, "crop scale"),
+                            ({"image_size": 0}, "image_size")):
+        with pytest.raises(UserInputError, match=message):
+            BlipImageTrainProcessor(**kwargs)
+    for seed in (None, -1, 1.5, (1, 2 ** 32)):
+        with pytest.raises(UserInputError, match="seed"):
+            BlipImageTrainProcessor(32)(gradient_rgb(), seed)

@@ -15,7 +15,7 @@ from PIL import Image
 from research.common.checkpoint import read_checkpoint
 from research.common.config import CONFIG_ROOT, load_config
 from research.common.errors import UserInputError
-from research.common.lr_schedule import AnnealingLR, LayerScaledLR
+from research.common.lr_schedule import AnnealingLR, LinearWarmupCosineLR, LayerScaledLR
 from research.common.parallel import ParallelContext
 from research.common.trainer import (COLUMNS, Trainer, TrainingArguments, TrainingDivergedError,
                                      parameter_groups, rank_batch_indices)
@@ -134,6 +134,37 @@ def test_annealing_lr_follows_sat_formula():
     np.testing.assert_allclose(got, [sched.value(s) for s in steps], rtol=2e-6)
     got = linear(ms.Tensor(np.array(steps, np.int32))).asnumpy()
     np.testing.assert_allclose(got, [linear.value(s) for s in steps], rtol=2e-6)
+
+
+def upstream_minigpt4_lr(cur_epoch, cur_step, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch,
+                         max_epoch):
+    """LinearWarmupCosineLRScheduler.step of MiniGPT-4's minigpt4/common/optims.py at 22d8888,
+    transcribed: the warmup takes the step within the epoch, the cosine the total step."""
+    total_cur_step = cur_epoch * iters_per_epoch + cur_step
+    if total_cur_step < warmup_steps:
+        return min(init_lr, warmup_lr + (init_lr - warmup_lr) * cur_step / max(warmup_steps, 1))
+    return (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * total_cur_step / (max_epoch * iters_per_epoch))) + min_lr
+
+
+@pytest.mark.parametrize("stage", [
+    dict(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000, iters_per_epoch=5000, max_epoch=4),
+    dict(init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=200, iters_per_epoch=200, max_epoch=5),
+    dict(init_lr=1.0, min_lr=0.1, warmup_lr=0.0, warmup_steps=30, iters_per_epoch=20, max_epoch=3),  # warmup > epoch
+])
+def test_linear_warmup_cosine_lr_follows_minigpt4(stage):
+    assert MindFormerRegister.get_cls(MindFormerModuleType.LR, "linear_warmup_cosine_lr") is LinearWarmupCosineLR
+    sched = LinearWarmupCosineLR(**stage)
+    iters = stage["iters_per_epoch"]
+    steps = sorted({0, 1, 7, 19, 20, 25, 29, 30, 31, 59, iters - 1, iters, iters + 1, 2 * iters + 3,
+                    stage["warmup_steps"] - 1, stage["warmup_steps"], stage["max_epoch"] * iters - 1})
+    for step in steps:
+        want = upstream_minigpt4_lr(step // iters, step % iters, **stage)
+        assert sched.value(step) == pytest.approx(want, rel=1e-12), step
+    got = sched(ms.Tensor(np.array(steps, np.int32))).asnumpy()
+    np.testing.assert_allclose(got, [sched.value(s) for s in steps], rtol=2e-6)
+    # iters_per_epoch from the training length when the YAML leaves it out
+    inferred = LinearWarmupCosineLR(**{**stage, "iters_per_epoch": None}, total_steps=iters * stage["max_epoch"])
+    assert inferred.value(iters + 3) == sched.value(iters + 3)
 
 
 def test_num_iters_defaults_to_the_training_length():
