@@ -479,11 +479,13 @@ class MiniGPT4Stage2Dataset(_MiniGPT4Dataset):
     "caption"}]}) with `data_dir/image/{image_id}.jpg`, one prompt of `prompt_path` per global
     batch in `prompt_template`. Every entry and image is checked here (images decoded at
     reduced scale); captions are used as written. An epoch is every annotation once, shuffled
-    (the trainer drops the last incomplete global batch)."""
+    (the trainer drops the last incomplete global batch), or, with `iters_per_epoch` (upstream's
+    stage 2: 200), that many global batches drawn from shuffled passes over the annotations, as
+    upstream's loader cycles through them."""
 
     def __init__(self, data_dir, prompt_path, tokenizer, batch_size, parallel_context=None,
                  prompt_template=STAGE2_TEMPLATE, max_txt_len=160, image_tokens=IMAGE_TOKENS, image_size=224,
-                 transform="random_resized_crop", end_sym="###", seed=0):
+                 transform="random_resized_crop", end_sym="###", seed=0, iters_per_epoch=None):
         super().__init__(tokenizer, batch_size, parallel_context, max_txt_len, image_tokens, image_size,
                          transform, end_sym, seed)
         if not isinstance(data_dir, (str, os.PathLike)) or not os.path.isdir(data_dir):
@@ -500,33 +502,40 @@ class MiniGPT4Stage2Dataset(_MiniGPT4Dataset):
                         for prompt, before, after in _read_prompts(prompt_path, prompt_template)]
         self.seq_length = (1 + max(len(before) for _, before, _ in self.prompts) + self.image_tokens
                            + max(len(after) for _, _, after in self.prompts) + self.max_txt_len)
-        self._prompt_of = None
+        self.iters_per_epoch = None if iters_per_epoch is None else check_int("iters_per_epoch", iters_per_epoch)
+        self._row_of = self._prompt_of = None
         self.order(0)  # samples read before any order() call are epoch 0's
 
     def __len__(self):
-        return len(self.rows)
+        """Positions of an epoch: the annotations, or iters_per_epoch global batches."""
+        return len(self.rows) if self.iters_per_epoch is None else self.iters_per_epoch * self.global_batch
 
     def order(self, epoch=0):
-        """A permutation of the annotations fixed by (seed, epoch), and one prompt drawn for each
-        global batch of it."""
+        """This epoch's positions: each names an annotation (a permutation fixed by (seed, epoch),
+        or consecutive such passes for iters_per_epoch) and one prompt drawn per global batch."""
         rng = np.random.default_rng([self.seed, _check_epoch(epoch)])
-        permutation = rng.permutation(len(self.rows))
-        draws = rng.integers(len(self.prompts), size=-(-len(self.rows) // self.global_batch))
-        self._prompt_of = np.empty(len(self.rows), np.int64)
-        self._prompt_of[permutation] = draws[np.arange(len(self.rows)) // self.global_batch]
+        length = len(self)
+        passes = -(-length // len(self.rows))
+        self._row_of = np.concatenate([rng.permutation(len(self.rows)) for _ in range(passes)])[:length]
+        draws = rng.integers(len(self.prompts), size=-(-length // self.global_batch))
+        self._prompt_of = draws[np.arange(length) // self.global_batch]
         self._epoch = int(epoch)
-        return permutation
+        return np.arange(length)
 
     def prompt_of(self, index):
-        """The prompt (template applied) that sample `index` gets in the current epoch."""
+        """The prompt (template applied) that position `index` gets in the current epoch."""
         return self.prompts[self._prompt_of[index]][0]
+
+    def annotation_of(self, index):
+        """(image path, caption) at position `index` in the current epoch."""
+        return self.rows[self._row_of[index]]
 
     def __getitem__(self, index):
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices are integers, got {type(index).__name__}")
-        if not 0 <= index < len(self.rows):
-            raise IndexError(f"index {index} out of range for {len(self.rows)} annotations")
-        image, caption = self.rows[index]
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} positions")
+        image, caption = self.annotation_of(index)
         _, before, after = self.prompts[self._prompt_of[index]]
         pixels = self.image_processor(image, self._crop_seed(index))
         return self._layout(pixels, before, after, self._answer_ids(caption))
@@ -568,6 +577,7 @@ class Stage2DatasetConfig(_DatasetConfig):
 
     data_dir: Optional[str] = None
     prompt_path: Optional[str] = None
+    iters_per_epoch: Optional[int] = None
     prompt_template: str = STAGE2_TEMPLATE
     max_txt_len: int = 160
     end_sym: str = "###"
@@ -626,7 +636,8 @@ def build_train_dataset(yaml_config, batch_size, parallel_context=None, resolve_
     if kind == "MiniGPT4Stage2Dataset":
         return MiniGPT4Stage2Dataset(resolve_path(config.data_dir, "train_dataset.data_dir"),
                                      resolve_path(config.prompt_path, "train_dataset.prompt_path"),
-                                     prompt_template=config.prompt_template, **common)
+                                     prompt_template=config.prompt_template,
+                                     iters_per_epoch=config.iters_per_epoch, **common)
     if not config.datasets:
         raise UserInputError(f"{where('train_dataset.datasets')}: expected a list of datasets "
                              f"(name, shards, sample_ratio), got {config.datasets!r}")

@@ -4,7 +4,6 @@ placeholders, text + end_sym, -100 labels) with the tokenizer's encode of the li
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,14 +16,12 @@ from research.common.parallel import ParallelContext
 from research.common.trainer import rank_batch_indices
 from research.minigpt4.dataset_minigpt4 import (
     COLUMNS, MiniGPT4Stage1Dataset, MiniGPT4Stage2Dataset, WebDatasetSource, build_train_dataset, clean_caption)
+from research.minigpt4.synthetic_data import ALIGNMENT_PROMPTS as PROMPTS
+from research.minigpt4.synthetic_data import write_shard
 from research.minigpt4.tokenization_minigpt4 import LlamaTokenizer
 
 VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "tiny", "llama_tokenizer.model")
 SIZE = 28  # a small image side keeps the tests fast; the layout does not depend on it
-PROMPTS = ["<Img><ImageHere></Img> Describe this image in detail.",
-           "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
-           "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
-           "<Img><ImageHere></Img> Could you describe the contents of this image for me?"]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +38,6 @@ def jpeg(number, size=(40, 30)):
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG")
     return buffer.getvalue()
-
-
-def write_shard(path, samples):
-    """samples: [(key, {suffix: bytes})] written as KEY.suffix files, in order."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for suffix, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def caption_json(caption):
@@ -302,6 +288,22 @@ def test_stage2_one_prompt_per_global_batch(tmp_path, tok):
     fresh.order(1)
     np.testing.assert_array_equal(fresh.order(0), order)
     assert [fresh.prompt_of(int(i)) for i in order] == [data.prompt_of(int(i)) for i in order]
+
+
+def test_stage2_iters_per_epoch_cycles_through_shuffled_passes(tmp_path, tok):
+    """Upstream's stage 2 runs 200 iterations an epoch whatever the data's size: 5 annotations,
+    global batches of 2, 4 iterations = 8 positions: one whole shuffled pass, then 3 of the next."""
+    captions = [f"Caption {n}." for n in range(5)]
+    data_dir, prompts = make_align(tmp_path, captions, PROMPTS)
+    data = stage2(data_dir, prompts, tok, batch_size=2, iters_per_epoch=4)
+    assert len(data) == 8 and data.order(0).tolist() == list(range(8))
+    seen = [data.annotation_of(position)[1] for position in range(8)]
+    assert sorted(seen[:5]) == captions and len(set(seen[5:])) == 3
+    assert [data.prompt_of(p) for p in (0, 2, 4, 6)] == [data.prompt_of(p) for p in (1, 3, 5, 7)]
+    fresh = stage2(data_dir, prompts, tok, batch_size=2, iters_per_epoch=4)
+    fresh.order(0)
+    assert [fresh.annotation_of(p)[1] for p in range(8)] == seen
+    np.testing.assert_array_equal(fresh[5]["input_ids"], data[5]["input_ids"])
 
 
 def test_stage2_bad_inputs_name_the_file(tmp_path, tok):

@@ -19,7 +19,11 @@ TINY = os.path.join(CONFIGS, "run_minigpt4_tiny.yaml")
 FAST = ["--max_new_tokens", "5"]
 YAML_PRESETS = {"run_minigpt4_7b.yaml": "minigpt4-7b", "run_minigpt4_13b.yaml": "minigpt4-13b",
                 "run_minigpt4_llama2_7b.yaml": "minigpt4-llama2-7b", "run_minigpt4_tiny.yaml": "minigpt4-tiny",
-                "run_minigpt4_llama2_tiny.yaml": "minigpt4-llama2-tiny"}
+                "run_minigpt4_llama2_tiny.yaml": "minigpt4-llama2-tiny",
+                "minigpt4_stage1_pretrain.yaml": "minigpt4-13b", "minigpt4_stage2_finetune.yaml": "minigpt4-13b",
+                "minigpt4_7b_stage1_pretrain.yaml": "minigpt4-7b", "minigpt4_7b_stage2_finetune.yaml": "minigpt4-7b",
+                "minigpt4_tiny_stage1_pretrain.yaml": "minigpt4-tiny",
+                "minigpt4_tiny_stage2_finetune.yaml": "minigpt4-tiny"}
 # Fields that are not architecture: where the weights are, precision, and decoding.
 NOT_ARCHITECTURE = {"checkpoint_name_or_path", "param_init_type", "compute_dtype", "dtype", "use_past", "do_sample",
                     "top_k", "top_p", "temperature", "repetition_penalty", "max_decode_length"}
