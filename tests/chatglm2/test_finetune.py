@@ -6,7 +6,6 @@ adapter checkpoints of another shape are refused."""
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,10 +16,11 @@ from research.chatglm2.convert_chatglm2 import write_upstream_prefix
 from research.chatglm2.configuration_chatglm2 import ChatGLM2Config
 from research.chatglm2.synthetic_adgen import write_adgen
 from research.common.checkpoint import read_checkpoint
-from research.common.config import CONFIG_ROOT, REPO_ROOT
+from research.common.config import CONFIG_ROOT
 from research.common.convert import save_checkpoint_atomic
 from tests.chatglm2.chatglm2_fixtures import random_weights
 from tests.config_files import write_yaml
+from tests.launch import run_two_processes
 
 STEPS = 6
 
@@ -160,15 +160,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(setup, tmp_path):
         "runner_config.batch_size": 2, "use_parallel": True, "parallel_config.data_parallel": 2,
         "output_dir": str(tmp_path / "parallel")})
     command = f"{sys.executable} -m research.chatglm2.run_chatglm2_finetune --config {parallel}"
-    # a clean launcher environment: other tests (torch.distributed) may have set these in-process
-    launch_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK_ID",
-                   "RANK_SIZE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_ROLE")
-    env = {key: value for key, value in os.environ.items() if key not in launch_vars}
-    env["RUN_LOG_DIR"] = str(tmp_path / "logs")
-    env["CLUSTER_TIME_OUT"] = "120"
-    result = subprocess.run(["bash", "research/run_singlenode.sh", command, str(tmp_path / "unused_rank_table.json"),
-                             "[0,2)", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes(command, tmp_path)
     rank0, rank1 = trained(tmp_path / "parallel"), read_checkpoint(glob.glob(str(
         tmp_path / "parallel" / "checkpoint_trainable" / "rank_1" / "*.ckpt"))[0])
     alone = trained(tmp_path / "single")

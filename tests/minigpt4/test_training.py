@@ -7,7 +7,6 @@ frozen LLaMA is not a near-constant function as a freshly initialised one would 
 """
 import glob
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,11 +14,12 @@ import pytest
 from PIL import Image
 
 from research.common.checkpoint import read_checkpoint
-from research.common.config import CONFIG_ROOT, REPO_ROOT
+from research.common.config import CONFIG_ROOT
 from research.minigpt4 import convert_weight, run_minigpt4_train
 from research.minigpt4.configuration_minigpt4 import MiniGPT4Config
 from research.minigpt4.synthetic_data import caption_sample, write_align, write_shard
 from tests.config_files import write_yaml
+from tests.launch import run_two_processes
 from tests.minigpt4 import upstream_files
 
 STAGE1 = os.path.join(CONFIG_ROOT, "minigpt4", "minigpt4_tiny_stage1_pretrain.yaml")
@@ -150,14 +150,7 @@ def test_two_processes_read_their_own_shards_and_agree(setup, tmp_path):
                                                   "parallel_config.data_parallel": 2,
                                                   "output_dir": str(tmp_path / "parallel")})
     command = f"{sys.executable} -m research.minigpt4.run_minigpt4_train --config {parallel}"
-    launch_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK_ID",
-                   "RANK_SIZE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_ROLE")
-    env = {key: value for key, value in os.environ.items() if key not in launch_vars}
-    env["RUN_LOG_DIR"] = str(tmp_path / "logs")
-    env["CLUSTER_TIME_OUT"] = "120"
-    result = subprocess.run(["bash", "research/run_singlenode.sh", command, str(tmp_path / "unused_rank_table.json"),
-                             "[0,2)", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes(command, tmp_path)
     rank0 = read_checkpoint(trainable_checkpoint(tmp_path / "parallel", 0))
     rank1 = read_checkpoint(trainable_checkpoint(tmp_path / "parallel", 1))
     assert set(rank0) == {"image_encoder.llama_proj.weight", "image_encoder.llama_proj.bias"}

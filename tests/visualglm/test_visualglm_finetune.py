@@ -3,7 +3,6 @@ two CPU processes through run_singlenode.sh equal one process, and bad input is 
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ from research.common.checkpoint import read_checkpoint
 from research.common.config import REPO_ROOT
 from research.visualglm import run_visualglm_finetune, synthetic_data
 from tests.config_files import write_yaml
+from tests.launch import run_two_processes
 
 FINETUNE_YAML = os.path.join(REPO_ROOT, "configs", "visualglm", "run_visualglm_tiny_finetune.yaml")
 
@@ -89,16 +89,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp_pat
                             **common, **{"runner_config.batch_size": 2, "use_parallel": True,
                                          "parallel_config.data_parallel": 2})
     command = f"{sys.executable} -m research.visualglm.run_visualglm_finetune --config {parallel}"
-    # a clean launcher environment: other tests (SAT's torch.distributed) set these in-process
-    launch_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK_ID",
-                   "RANK_SIZE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_ROLE")
-    env = {key: value for key, value in os.environ.items() if key not in launch_vars}
-    env["RUN_LOG_DIR"] = str(tmp_path / "logs")
-    env["CLUSTER_TIME_OUT"] = "120"
-    result = subprocess.run(["bash", "research/run_singlenode.sh", command,
-                             str(tmp_path / "unused_rank_table.json"), "[0,2)", "2"],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes(command, tmp_path)
 
     def weights(output_dir, rank):
         files = glob.glob(str(output_dir / "checkpoint_trainable" / f"rank_{rank}" / "*.ckpt"))
