@@ -204,6 +204,11 @@ class MiniGPT4Config(ModelConfig):
     has_qformer: bool = True
     # llama_proj (upstream's `ckpt`: pretrained_minigpt4.pth converted).
     checkpoint_name_or_path: str = ""
+    # Training (run_minigpt4_train.py): llama_proj always trains; upstream's freeze_vit and
+    # freeze_qformer, and freeze_llama (upstream always freezes Vicuna), add their parts.
+    freeze_vit: bool = True
+    freeze_qformer: bool = True
+    freeze_llama: bool = True
     # Precision of llama_proj (MindFormers' names).
     dtype: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"

@@ -3,7 +3,8 @@ image-caption shards, stage 2 on cc_sbu_align, as upstream's `train.py --cfg-pat
 train_configs/minigpt4_stage{1_pretrain,2_finetune}.yaml`.
 
 Only `llama_proj` trains; the ViT, ln_vision, the Q-Former and the LLaMA are frozen (and have no
-dropout, so they run as in eval mode). Stage 2 starts from a stage-1 checkpoint: the model's
+dropout, so they run as in eval mode), unless the model config's freeze_vit / freeze_qformer /
+freeze_llama say otherwise (the demo's stand-in pretraining). Stage 2 starts from a stage-1 checkpoint: the model's
 `checkpoint_name_or_path` (upstream's `ckpt:`) names it, a training checkpoint loads as it is.
 The data is research.minigpt4.dataset_minigpt4's; the trainer (AdamW, loss scaling, exact
 resume, data parallel) and the schedules (`linear_warmup_cosine_lr`) are research.common's.
@@ -58,4 +59,14 @@ def train(config, *, graph_mode=None, batch_size=None, device_id=None, epochs=No
         trainable = select_trainable(model)
         return train_and_report(MiniGPT4ForTraining(model), trainable, training, parallel, dataset, resume,
                                 weights=", ".join(loaded) or "none (random initialisation)",
-                                method="llama_proj only (ViT, Q-Former and LLaMA frozen)")
+                                method=training_method(model_config))
+
+
+def training_method(config):
+    """What trains and what stays frozen, in words."""
+    parts = [("ViT", config.freeze_vit), ("LLaMA", config.freeze_llama)]
+    if config.has_qformer:
+        parts.insert(1, ("Q-Former", config.freeze_qformer))
+    trained = ["llama_proj"] + [name for name, frozen in parts if not frozen]
+    frozen = [name for name, frozen in parts if frozen]
+    return f"training {', '.join(trained)}" + (f"; {', '.join(frozen)} frozen" if frozen else "")

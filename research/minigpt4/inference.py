@@ -110,10 +110,12 @@ class MiniGPT4Chat:
 
 
 def load_minigpt4(config=DEFAULT_CONFIG, *, device_id=None, use_past=None, do_sample=None, top_p=None,
-                  temperature=None, template=None, inputs=None, raw=False, batch_size=1) -> MiniGPT4Chat:
+                  temperature=None, template=None, llama_proj_checkpoint=None, inputs=None, raw=False,
+                  batch_size=1) -> MiniGPT4Chat:
     """MiniGPT-4 from a YAML (path or a name in configs/minigpt4/) with its checkpoints.
 
-    The keywords override the YAML when given (`template`: processor.template). `inputs`, (image path, question) pairs to be
+    The keywords override the YAML when given (`template`: processor.template;
+    `llama_proj_checkpoint`: model_config.checkpoint_name_or_path, e.g. a training checkpoint). `inputs`, (image path, question) pairs to be
     answered, are checked with every checkpoint path before the model is built, so a bad image,
     a prompt without its placeholder or a missing file is reported without waiting for 7B
     weights; a model that cannot fit in memory for `batch_size` rows is refused first."""
@@ -123,6 +125,8 @@ def load_minigpt4(config=DEFAULT_CONFIG, *, device_id=None, use_past=None, do_sa
         raise UserInputError(f"{yaml_config.source.where('model.arch.type')}: {arch!r} is not MiniGPT-4's; "
                              f"expected {', '.join(MODEL_TYPES)}")
     device = init_context(yaml_config, device_id)
+    if llama_proj_checkpoint is not None:
+        model_config.checkpoint_name_or_path = llama_proj_checkpoint
     text = model_config.text_config
     for field, value in dict(use_past=use_past, do_sample=do_sample, top_p=top_p, temperature=temperature).items():
         if value is not None:
@@ -164,6 +168,9 @@ def add_model_arguments(parser, default_config=DEFAULT_CONFIG):
     parser.add_argument("--top_p", type=float, default=None, help="default: the YAML's (upstream 0.9)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                         help="conversation template (default: the YAML's processor.template)")
+    parser.add_argument("--ckpt", default=None,
+                        help="llama_proj checkpoint (upstream's ckpt; a training checkpoint_trainable file works), "
+                             "instead of the YAML's model_config.checkpoint_name_or_path")
 
 
 def minigpt4_parser(description):
@@ -198,6 +205,7 @@ def load_from_arguments(args, inputs=None):
         raise UserInputError(f"--num_beams {args.num_beams}: only 1 is supported (upstream's default; beam "
                              f"search is not implemented)")
     return load_minigpt4(args.config, device_id=args.device_id, use_past=args.use_past, do_sample=args.do_sample,
-                         top_p=args.top_p, temperature=args.temperature, template=args.template, inputs=inputs,
+                         top_p=args.top_p, temperature=args.temperature, template=args.template,
+                         llama_proj_checkpoint=args.ckpt, inputs=inputs,
                          raw=getattr(args, "raw_prompt", False),
                          batch_size=min(getattr(args, "batch_size", 1), len(inputs)) if inputs else 1)

@@ -401,11 +401,37 @@ class MiniGPT4ForTraining(nn.Cell):
 
 
 def select_trainable(model: MiniGPT4):
-    """Only llama_proj trains (upstream freezes the ViT, ln_vision, the Q-Former and the LLaMA);
-    returns its parameters."""
+    """Mark what training updates and return it: llama_proj, plus the ViT (with ln_vision), the
+    Q-Former and the LLaMA where the config's freeze_vit / freeze_qformer / freeze_llama are
+    False (upstream freezes all three)."""
+    config = model.config
+    parts = ("image_encoder.llama_proj.",)
+    parts += () if config.freeze_vit else ("image_encoder.visual_encoder.",)
+    parts += () if config.freeze_qformer else ("image_encoder.qformer.",)
+    parts += () if config.freeze_llama else ("llama_model.",)
     trainable = []
     for param in model.get_parameters():
-        param.requires_grad = param.name.startswith("image_encoder.llama_proj.")
+        param.requires_grad = param.name.startswith(parts)
         if param.requires_grad:
             trainable.append(param)
     return trainable
+
+
+def split_checkpoint(params, config: MiniGPT4Config):
+    """{part: {name: array}} of a whole-model checkpoint ({MiniGPT4 name: array}), laid out as the
+    four files load_checkpoints reads: "vit" (without ln_vision), "qformer" (ln_vision and the
+    Q-Former; the Llama-2 variant has none), "llama" (a plain llama checkpoint), "proj"."""
+    parts = {"vit": {}, "qformer": {}, "llama": {}, "proj": {}}
+    for name, value in params.items():
+        if name.startswith("llama_model."):
+            parts["llama"][name[len("llama_model."):]] = value
+        elif name.startswith("image_encoder.llama_proj."):
+            parts["proj"][name] = value
+        elif name.startswith(("image_encoder.qformer.", "image_encoder.visual_encoder.ln_vision.")) \
+                and config.has_qformer:
+            parts["qformer"][name] = value
+        elif name.startswith("image_encoder.visual_encoder."):
+            parts["vit"][name] = value
+        else:
+            raise UserInputError(f"{name} is not a MiniGPT-4 parameter")
+    return parts

@@ -56,3 +56,4 @@ def write_align(root, rows, prompts=ALIGNMENT_PROMPTS):
     with atomic_write(prompt_path, "w", encoding="utf-8") as stream:
         stream.write("\n".join(prompts) + "\n")
     return str(root), prompt_path
+

@@ -42,8 +42,8 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from research.common import synthetic_shapes as shapes
 from research.common.errors import UserInputError
 from research.common.testing import (DEFAULT_VOCAB_SIZE, ICE_TEXT_PIECES,
                                      train_sentencepiece_model)
@@ -55,11 +55,12 @@ SHAPES = ("圆形", "正方形", "三角形", "菱形")
 COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 80, 220),
            "黄色": (235, 205, 30), "紫色": (150, 60, 190)}
 BACKGROUNDS = {"白色": (245, 245, 245), "黑色": (15, 15, 15), "灰色": (128, 128, 128)}
+# The shapes as research.common.synthetic_shapes draws them.
+SHAPE_KINDS = dict(zip(SHAPES, shapes.SHAPE_KINDS))
 COMBINATIONS = tuple(itertools.product(SHAPES, COLOURS, BACKGROUNDS))  # (shape, colour, background)
 # Pieces of their own in the tokenizer (see the module docstring).
 TEMPLATE_PIECES = (SHAPES + tuple(COLOURS) + tuple(BACKGROUNDS)
                    + ("一个", "的", "背景是", "图里是"))
-_COLOUR_JITTER = 12
 _SPLIT_STREAMS = {"train": 0, "test": 1, "holdout": 2}
 # metadata.json's "format": raised when the files or the tokenizer change, so `make demo`
 # writes the set again and retrains (2: a piece per content word, 20 style examples).
@@ -99,38 +100,12 @@ def build_synthetic_tokenizer(path, sentences=None):
 
 # ---- rendering ---------------------------------------------------------------------------------
 
-def _jitter(rng, rgb):
-    return tuple(int(np.clip(c + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1), 0, 255)) for c in rgb)
-
-
 def render(shape, colour, background, rng, image_size=56):
-    """One RGB image: `shape` in `colour` on `background`, colours jittered by `rng` (numpy
-    Generator). Returns (PIL image, {"x", "y", "size"}) in pixels.
-
-    The shape is centred at a fixed size (0.7 of the image): a ViT of two 48-wide layers
-    trained from scratch on 2000 images learns shapes at fixed positions in ~200 steps, but
-    with even 1-pixel position jitter it stays near chance for minutes (measured), which
-    is too slow for `make demo`. New renders differ in their colour jitter; unseen attribute
-    combinations (`holdout_combinations`) test composition.
-    """
-    image = Image.new("RGB", (image_size, image_size), _jitter(rng, BACKGROUNDS[background]))
-    draw = ImageDraw.Draw(image)
-    size = int(round(image_size * 0.7))
-    half = size / 2
-    x = y = image_size / 2
-    fill = _jitter(rng, COLOURS[colour])
-    box = (x - half, y - half, x + half, y + half)
-    if shape == "圆形":
-        draw.ellipse(box, fill=fill)
-    elif shape == "正方形":
-        draw.rectangle(box, fill=fill)
-    elif shape == "三角形":
-        draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
-    elif shape == "菱形":
-        draw.polygon([(x, y - half), (x + half, y), (x, y + half), (x - half, y)], fill=fill)
-    else:
+    """One RGB image of `shape` (SHAPES) in `colour` on `background` (research.common.synthetic_shapes;
+    unseen attribute combinations, `holdout_combinations`, test composition)."""
+    if shape not in SHAPE_KINDS:
         raise UserInputError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    return image, {"x": round(x, 2), "y": round(y, 2), "size": size}
+    return shapes.render(SHAPE_KINDS[shape], COLOURS[colour], BACKGROUNDS[background], rng, image_size)
 
 
 def _balanced(combinations, count, rng):

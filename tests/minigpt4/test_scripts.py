@@ -167,6 +167,7 @@ def test_bad_images_are_one_line_errors(tmp_path, capsys):
     (["--num_beams", "3"], "only 1 is supported"),
     (["--prompt", "word " * 400], "text_config.seq_length"),
     (["--batch_size", "0"], "batch_size must be positive"),
+    (["--ckpt", "/nowhere/llama_proj.ckpt"], "/nowhere/llama_proj.ckpt"),
 ])
 def test_bad_arguments(argv, message, capsys):
     code, err = run_exit_code(run_minigpt4.main, ["--config", TINY] + argv + FAST, capsys)

@@ -205,3 +205,31 @@ def test_stage2_yamls_carry_upstreams_hyper_parameters(name):
     assert (data.max_txt_len, data.end_sym, data.prompt_template, data.iters_per_epoch) == (
         160, "###", "###Human: {} ###Assistant: ", 200)
     assert "stage1" in config.model.model_config.checkpoint_name_or_path  # upstream's ckpt: stage 1's
+
+
+def test_freeze_flags_choose_what_trains_and_split_checkpoint_round_trips(tmp_path):
+    """Upstream's freeze_vit / freeze_qformer (and freeze_llama) add their parts to llama_proj; a
+    whole-model checkpoint split into the four files loads back into the same weights."""
+    from research.common.convert import save_checkpoint_atomic
+    from research.minigpt4.modeling_minigpt4 import MiniGPT4, select_trainable, split_checkpoint
+
+    config = MiniGPT4Config.from_name("minigpt4-tiny")
+    model = MiniGPT4(config)
+    assert {p.name for p in select_trainable(model)} == {"image_encoder.llama_proj.weight",
+                                                        "image_encoder.llama_proj.bias"}
+    config.freeze_vit, config.freeze_llama = False, False
+    names = {p.name for p in select_trainable(model)}
+    assert any(n.startswith("image_encoder.visual_encoder.") for n in names)
+    assert any(n.startswith("llama_model.") for n in names)
+    assert not any(n.startswith("image_encoder.qformer.") for n in names)
+    params = {p.name: p.asnumpy() for p in model.get_parameters()}
+    for part, values in split_checkpoint(params, config).items():
+        save_checkpoint_atomic(values, str(tmp_path / f"{part}.ckpt"))
+    config.vision_config.checkpoint_name_or_path = str(tmp_path / "vit.ckpt")
+    config.qformer_config.checkpoint_name_or_path = str(tmp_path / "qformer.ckpt")
+    config.text_config.checkpoint_name_or_path = str(tmp_path / "llama.ckpt")
+    config.checkpoint_name_or_path = str(tmp_path / "proj.ckpt")
+    again = MiniGPT4(config)
+    assert len(again.load_checkpoints()) == 4
+    for p in again.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), params[p.name], err_msg=p.name)
